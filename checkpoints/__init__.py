@@ -1,0 +1,1 @@
+"""Checkpoints trained by the project and shipped with it (safetensors + config.json)."""

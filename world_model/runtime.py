@@ -1,0 +1,91 @@
+"""Process-wide runtime settings every command shares: torch threads, seeding, device, schema'd configs.
+
+On a small shared CPU, torch's default of one thread per core over-subscribes as soon as two jobs run;
+`threads` is therefore a setting of every command (and reported by every benchmark).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import fields, is_dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from melodjinn.world_model.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def set_threads(threads: int) -> int:
+    """Use `threads` intra-op threads (0 = torch's default). Returns the count in effect."""
+    if threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0 = torch default), got {threads}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    return torch.get_num_threads()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; anything else must be a valid, available torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={device!r} is not a torch device (use auto, cpu, cuda, cuda:1)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto")
+    return dev
+
+
+def apply_runtime(cfg: DictConfig) -> None:
+    """Apply the shared top-level keys (`threads`, `seed`) of a composed command config."""
+    if "threads" in cfg:
+        set_threads(int(cfg.threads))
+    if "seed" in cfg:
+        seed_everything(int(cfg.seed))
+
+
+def to_dataclass(schema: type[T], node: Any, where: str) -> T:
+    """Validate a config node against a dataclass schema and return the dataclass instance.
+
+    Unknown keys and values of the wrong type fail with a ConfigError naming `where.key`.
+    """
+    if isinstance(node, schema):
+        return node
+    if node is None:
+        node = {}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{where}.{key}: {reason}") from None
+
+
+def as_plain_dict(obj: Any) -> dict:
+    """A dataclass or DictConfig as a plain, JSON-serialisable dict."""
+    if is_dataclass(obj):
+        return {f.name: as_plain_dict(getattr(obj, f.name)) if is_dataclass(getattr(obj, f.name)) else _plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, DictConfig):
+        return OmegaConf.to_container(obj, resolve=True)  # type: ignore[return-value]
+    return dict(obj)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
