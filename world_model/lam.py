@@ -1,0 +1,168 @@
+"""The Latent Action Model (after Genie): discovers discrete actions from raw audio, without labels.
+
+    waveform (B, N)
+      └─ patches (B, T, P)            P = hop · stride samples: one patch per action step
+           └─ encoder: linear → causal transformer → z (B, T, code_dim)
+                └─ VQ of z[t+1] → action a[t] ∈ [0, A)   "what happened between patch t and t+1"
+                     └─ decoder: causal transformer over (patch t ⊕ action t) → patch t+1 (target space)
+
+The action is the decoder's only peek at the future, so the VQ codebook is pushed to encode the transitions
+that context cannot predict (an onset), and silence / decay collapse onto one code (NOOP).
+
+What mattered in the prototypes (DESIGN.md §11): weight the reconstruction loss by the energy rise from patch
+t to t+1 (silence and decay otherwise dominate and the hi-hat merges with NOOP); restart dead codes early and
+stop restarting once codes settle (restarts that never stop split NOOP later and codes flip); raw waveform is a
+better target than log-magnitude on drums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melodjinn.world_model.transformer import Transformer, TransformerConfig
+
+TARGETS = ("waveform", "normalized", "logmel")
+
+
+@dataclass
+class LAMConfig:
+    stride: int = 1  # codec frames per action: patch = hop · stride samples (1 = an action every frame)
+    hop: int = 320  # samples per codec frame
+    dim: int = 64  # transformer width
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    heads: int = 4
+    num_actions: int = 8  # A, the VQ codebook size; spare codes help (A=8 for 4 true transitions)
+    code_dim: int = 16  # VQ code dimension
+    target: str = "waveform"  # reconstruction space: waveform | normalized (per-patch standardised) | logmel
+    n_mels: int = 32  # mel bands for target=logmel
+    commitment: float = 0.25  # VQ commitment weight β
+    onset_weight: float = 4.0  # reconstruction weight 1 + onset_weight · (log-energy rise from t to t+1)
+    dead_code_threshold: float = 0.02  # a code used by less than this share of a batch's steps (EMA) is dead
+    max_positions: int = 2048  # longest clip in action steps
+
+
+class ActionQuantizer(nn.Module):
+    """Nearest-neighbour VQ with a straight-through gradient, usage tracking and dead-code restarts."""
+
+    def __init__(self, num_codes: int, dim: int, commitment: float):
+        super().__init__()
+        self.codebook = nn.Parameter(torch.randn(num_codes, dim) * 0.1)
+        self.commitment = commitment
+        self.register_buffer("usage", torch.full((num_codes,), 1.0 / num_codes))  # EMA share of steps per code
+
+    def forward(self, z: torch.Tensor):
+        # z: (B, T, D) → quantised (B, T, D), codes (B, T), vq loss
+        flat = z.reshape(-1, z.shape[-1])
+        dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1)[None])
+        codes = dist.argmin(dim=1)
+        quantised = self.codebook[codes].view_as(z)
+        loss = F.mse_loss(quantised, z.detach()) + self.commitment * F.mse_loss(z, quantised.detach())
+        if self.training:
+            share = torch.bincount(codes, minlength=self.codebook.shape[0]).float() / codes.numel()
+            self.usage.mul_(0.99).add_(0.01 * share)
+        quantised = z + (quantised - z).detach()
+        return quantised, codes.view(z.shape[:-1]), loss
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z: torch.Tensor, threshold: float) -> int:
+        """Move codes whose usage fell below `threshold` onto random encodings from `z` (B, T, D)."""
+        dead = torch.nonzero(self.usage < threshold).flatten()
+        if len(dead) == 0:
+            return 0
+        flat = z.reshape(-1, z.shape[-1])
+        picks = flat[torch.randint(len(flat), (len(dead),), device=flat.device)]
+        self.codebook.data[dead] = picks + 0.01 * picks.std() * torch.randn_like(picks)
+        self.usage[dead] = 1.0 / self.codebook.shape[0]
+        return len(dead)
+
+
+def codebook_stats(codes: torch.Tensor, num_codes: int) -> dict[str, float]:
+    """Usage (share of codes seen) and perplexity of a batch of codes."""
+    counts = torch.bincount(codes.flatten(), minlength=num_codes).float()
+    probs = counts / counts.sum().clamp(min=1)
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return {"usage": float((counts > 0).float().mean()), "perplexity": float(entropy.exp())}
+
+
+class LatentActionModel(nn.Module):
+    def __init__(self, cfg: LAMConfig):
+        super().__init__()
+        if cfg.target not in TARGETS:
+            raise ValueError(f"lam.target={cfg.target!r}: choose one of {', '.join(TARGETS)}")
+        self.cfg = cfg
+        self.patch = cfg.hop * cfg.stride
+        def stack(layers):
+            return Transformer(TransformerConfig(dim=cfg.dim, layers=layers, heads=cfg.heads, max_positions=cfg.max_positions))
+        self.encoder_in = nn.Linear(self.patch, cfg.dim)
+        self.encoder = stack(cfg.encoder_layers)
+        self.to_code = nn.Linear(cfg.dim, cfg.code_dim)
+        self.quantizer = ActionQuantizer(cfg.num_actions, cfg.code_dim, cfg.commitment)
+        self.decoder_in = nn.Linear(self.patch, cfg.dim)
+        self.action_in = nn.Linear(cfg.code_dim, cfg.dim)
+        self.decoder = stack(cfg.decoder_layers)
+        target_size = cfg.n_mels if cfg.target == "logmel" else self.patch
+        self.decoder_out = nn.Linear(cfg.dim, target_size)
+        if cfg.target == "logmel":
+            self.register_buffer("mel_basis", _mel_basis(self.patch, cfg.n_mels), persistent=False)
+
+    def patches(self, waveform: torch.Tensor) -> torch.Tensor:
+        # (B, N) → (B, T, P), trailing samples that do not fill a patch are dropped
+        B, N = waveform.shape
+        T = N // self.patch
+        return waveform[:, : T * self.patch].view(B, T, self.patch)
+
+    def target(self, patches: torch.Tensor) -> torch.Tensor:
+        # (B, T, P) → (B, T, P or n_mels) in the configured reconstruction space
+        if self.cfg.target == "waveform":
+            return patches
+        if self.cfg.target == "normalized":
+            return (patches - patches.mean(-1, keepdim=True)) / (patches.std(-1, keepdim=True) + 1e-3)
+        spectrum = torch.fft.rfft(patches * torch.hann_window(self.patch, device=patches.device), dim=-1).abs()
+        return torch.log(spectrum.pow(2) @ self.mel_basis + 1e-5)
+
+    def encode(self, patches: torch.Tensor):
+        # (B, T, P) → quantised (B, T-1, D), actions (B, T-1), vq loss, pre-quantisation z (B, T-1, D)
+        z = self.to_code(self.encoder(self.encoder_in(patches)))[:, 1:]  # the encoding at t+1 is the action for t
+        quantised, actions, vq_loss = self.quantizer(z)
+        return quantised, actions, vq_loss, z
+
+    def forward(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
+        # waveform: (B, N). Returns losses and actions (B, T-1); action t explains patch t → t+1.
+        patches = self.patches(waveform)
+        if patches.shape[1] < 2:
+            raise ValueError(f"need at least 2 patches of {self.patch} samples for one action, got {waveform.shape[-1]} samples")
+        quantised, actions, vq_loss, z = self.encode(patches)
+        h = self.decoder(self.decoder_in(patches[:, :-1]) + self.action_in(quantised))  # (B, T-1, C)
+        prediction = self.decoder_out(h)
+        target = self.target(patches[:, 1:])
+        per_step = (prediction - target).pow(2).mean(-1)  # (B, T-1)
+        energy = patches.pow(2).mean(-1).add(1e-4).log()  # (B, T)
+        weight = 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
+        recon = (weight * per_step).sum() / weight.sum()
+        return {"actions": actions, "recon_loss": recon, "vq_loss": vq_loss, "z": z, "prediction": prediction}
+
+    @torch.no_grad()
+    def infer_actions(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(B, N) waveform → (B, T-1) actions, T = N // patch."""
+        return self.encode(self.patches(waveform))[1]
+
+
+def _mel_basis(n_fft: int, n_mels: int, sample_rate: int = 24_000) -> torch.Tensor:
+    """(n_fft // 2 + 1, n_mels) triangular mel filters."""
+    def hz_to_mel(f):
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+    def mel_to_hz(m):
+        return 700.0 * (10 ** (m / 2595.0) - 1.0)
+
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    edges = mel_to_hz(torch.linspace(hz_to_mel(torch.tensor(30.0)), hz_to_mel(torch.tensor(sample_rate / 2)), n_mels + 2))
+    lower, center, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (freqs[None] - lower) / (center - lower)
+    falling = (upper - freqs[None]) / (upper - center)
+    return torch.clamp(torch.minimum(rising, falling), min=0).t().contiguous()
