@@ -36,6 +36,9 @@ COMMANDS: dict[str, Command] = {
     "train-codec": Command("melodjinn.world_model.codec_training:train_codec", "Train the tiny codec on a synthetic world; writes safetensors + config.json to out=DIR."),
     "eval-codec": Command("melodjinn.world_model.codec_eval:eval_codec", "Print one JSON line of codec metrics (SI-SNR, drum-event F1) on held-out world audio."),
     "tokenize": Command("melodjinn.world_model.token_cache:tokenize", "Tokenise a folder of audio files (data.path=DIR) into an on-disk token cache (out=DIR)."),
+    "train-world": Command("melodjinn.world_model.training:train_world", "Jointly train the latent action model and the multi-stream dynamics on a world (out=DIR, resume=true)."),
+    "eval-world": Command("melodjinn.world_model.evaluation:eval_world", "Print one JSON line of world-model metrics (action NMI, controllability, delta PSNR, token CE)."),
+    "plot-actions": Command("melodjinn.world_model.plotting:plot_actions", "Plot a held-out clip, its LAM actions and the dynamics' re-generation from them (out=FILE.png)."),
     "bench": Command("melodjinn.cli.bench:bench", "Print benchmark figures as JSON: `melodjinn bench codec`."),
 }
 

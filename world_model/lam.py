@@ -41,6 +41,7 @@ class LAMConfig:
     target: str = "waveform"  # reconstruction space: waveform | normalized (per-patch standardised) | logmel
     n_mels: int = 32  # mel bands for target=logmel
     commitment: float = 0.25  # VQ commitment weight β
+    preemphasis: float = 0.95  # also penalise the pre-emphasised error (x[n] − c·x[n−1]); 0 = off. Keeps hi-hats audible to the loss
     onset_weight: float = 4.0  # reconstruction weight 1 + onset_weight · (log-energy rise from t to t+1)
     dead_code_threshold: float = 0.02  # a code used by less than this share of a batch's steps (EMA) is dead
     max_positions: int = 2048  # longest clip in action steps
@@ -69,13 +70,19 @@ class ActionQuantizer(nn.Module):
         return quantised, codes.view(z.shape[:-1]), loss
 
     @torch.no_grad()
-    def restart_dead_codes(self, z: torch.Tensor, threshold: float) -> int:
-        """Move codes whose usage fell below `threshold` onto random encodings from `z` (B, T, D)."""
+    def restart_dead_codes(self, z: torch.Tensor, threshold: float, error: torch.Tensor | None = None) -> int:
+        """Move codes whose usage fell below `threshold` onto encodings from `z` (B, T, D), drawn in proportion
+        to `error` (B, T) when given: the worst-reconstructed steps are the transitions no code explains yet
+        (a uniform draw almost always lands on silence, which already has its code)."""
         dead = torch.nonzero(self.usage < threshold).flatten()
         if len(dead) == 0:
             return 0
         flat = z.reshape(-1, z.shape[-1])
-        picks = flat[torch.randint(len(flat), (len(dead),), device=flat.device)]
+        if error is None:
+            rows = torch.randint(len(flat), (len(dead),), device=flat.device)
+        else:
+            rows = torch.multinomial(error.reshape(-1).clamp(min=0) + 1e-12, len(dead), replacement=True)
+        picks = flat[rows]
         self.codebook.data[dead] = picks + 0.01 * picks.std() * torch.randn_like(picks)
         self.usage[dead] = 1.0 / self.codebook.shape[0]
         return len(dead)
@@ -140,11 +147,16 @@ class LatentActionModel(nn.Module):
         h = self.decoder(self.decoder_in(patches[:, :-1]) + self.action_in(quantised))  # (B, T-1, C)
         prediction = self.decoder_out(h)
         target = self.target(patches[:, 1:])
-        per_step = (prediction - target).pow(2).mean(-1)  # (B, T-1)
+        error = prediction - target
+        per_step = error.pow(2).mean(-1)  # (B, T-1)
+        if self.cfg.preemphasis and self.cfg.target != "logmel":
+            # raw MSE is dominated by low-frequency energy (a kick's body); the emphasised copy weighs highs too
+            per_step = per_step + (error[..., 1:] - self.cfg.preemphasis * error[..., :-1]).pow(2).mean(-1)
         energy = patches.pow(2).mean(-1).add(1e-4).log()  # (B, T)
         weight = 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
         recon = (weight * per_step).sum() / weight.sum()
-        return {"actions": actions, "recon_loss": recon, "vq_loss": vq_loss, "z": z, "prediction": prediction}
+        return {"actions": actions, "recon_loss": recon, "vq_loss": vq_loss, "z": z, "prediction": prediction,
+                "step_error": (weight * per_step).detach()}
 
     @torch.no_grad()
     def infer_actions(self, waveform: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,275 @@
+"""`melodjinn train-world`: joint training of the LAM and the dynamics on a synthetic world.
+
+Read top to bottom:
+  1. data: render + encode the world's train clips once (cached), and held-out clips from `eval_seed`;
+  2. model: LAM + dynamics (+ the codec, frozen);
+  3. loop: loss = recon_scale · LAM reconstruction + VQ + dynamics cross-entropy, the dynamics conditioned on
+     the LAM's (detached) actions; dead-code restarts until `restart_until`; the LAM frozen at `freeze_lam_at`
+     (its codes stop flipping, and the dynamics then trains on fixed actions);
+  4. every `eval_every` steps: held-out action NMI and token cross-entropy (TensorBoard + progress bar);
+     every `checkpoint_every` steps: an atomic checkpoint with the optimiser and RNG state, so `resume=true`
+     continues a killed run to the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from melodjinn.world_model.artifacts import load_tensors, read_json, save_tensors, write_json
+from melodjinn.world_model.codec import load_codec
+from melodjinn.world_model.dynamics import DynamicsConfig
+from melodjinn.world_model.errors import CheckpointError, ConfigError
+from melodjinn.world_model.lam import LAMConfig, codebook_stats
+from melodjinn.world_model.metrics import normalized_mutual_info
+from melodjinn.world_model.runtime import resolve_device, to_dataclass
+from melodjinn.world_model.world_data import WorldTensors, cached_world_tensors
+from melodjinn.world_model.world_model import WorldModel
+from melodjinn.world_model.worlds import make_world
+
+STATE_FILE = "train_state.safetensors"
+PROGRESS_FILE = "train_progress.json"
+
+
+@dataclass
+class TrainWorldConfig:
+    steps: int = 3000  # optimiser steps in total
+    batch_size: int = 16  # clips per step
+    lr: float = 1e-3  # AdamW learning rate (LAM and dynamics)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to lr · min_lr_ratio
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    recon_scale: float = 100.0  # weight of the LAM reconstruction loss (waveform MSE is ~1e-3; this brings it near 0.1)
+    restart_every: int = 50  # dead-code restart period (steps) ...
+    restart_until: int = 600  # ... only before this step: late restarts split NOOP and codes flip
+    dead_code_threshold: float = 0.0005  # EMA usage share below which a code counts as dead
+    freeze_lam_at: int = 1500  # freeze the LAM after this many steps (0 = never)
+    train_clips: int = 1024  # train clips rendered and encoded once (clip i of the world under `seed`)
+    eval_clips: int = 64  # held-out clips from `eval_seed`
+    eval_seed: int = 1000  # the held-out split's seed; never used for training
+    eval_every: int = 250  # held-out NMI / cross-entropy period (steps)
+    checkpoint_every: int = 500  # atomic checkpoint period (steps)
+
+
+def _lr_at(step: int, cfg: TrainWorldConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0))))
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            flat[f"opt.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    state_dict = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    state_dict["state"] = state
+    opt.load_state_dict(state_dict)
+
+
+class Trainer:
+    """Holds everything a training run needs; `run()` trains from `self.step` to `cfg.steps`."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.train_cfg = to_dataclass(TrainWorldConfig, cfg.train, "train")
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        codec = load_codec(cfg.codec, device=self.device)
+        world_cfg = OmegaConf.to_container(cfg.world, resolve=True)
+        lam_cfg = to_dataclass(LAMConfig, cfg.model.lam, "model.lam")
+        self.world = make_world(cfg.world, seed=int(cfg.seed))
+        dyn = OmegaConf.to_container(cfg.model.dynamics, resolve=True)
+        dyn.update(streams=list(self.world.stem_names), num_codebooks=codec.num_codebooks,
+                   codebook_size=codec.codebook_size, num_actions=lam_cfg.num_actions)
+        dyn_cfg = to_dataclass(DynamicsConfig, dyn, "model.dynamics")
+        self.model = WorldModel(lam_cfg, dyn_cfg, codec, world=world_cfg).to(self.device)
+        t = self.train_cfg
+        self.train_data = cached_world_tensors(self.world, codec, t.train_clips, self.out / "cache", world_cfg)
+        held_world = make_world(cfg.world, seed=t.eval_seed)
+        self.eval_data = cached_world_tensors(held_world, codec, t.eval_clips, self.out / "cache", world_cfg)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.batches = torch.Generator().manual_seed(int(cfg.seed))
+        self.step = 0
+        self.frozen_actions: torch.Tensor | None = None  # (N, T) per-frame actions once the LAM is frozen
+        self.history: list[dict] = []
+
+    # ---- state ----------------------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        extra = {"train": asdict(self.train_cfg), "resolved_config": OmegaConf.to_container(self.cfg, resolve=True),
+                 "step": self.step}
+        state = {**_optimizer_state(self.opt), "rng.batches": self.batches.get_state(), "rng.torch": torch.get_rng_state(),
+                 "step": torch.tensor(self.step)}
+        # state first, weights + config.json last: config.json's step says which state belongs to it
+        save_tensors(self.out / STATE_FILE, state)
+        write_json(self.out / PROGRESS_FILE, {"step": self.step, "history": self.history})
+        self.model.save(self.out, extra)
+
+    def resume(self) -> bool:
+        if not (self.out / "config.json").exists():
+            return False
+        meta = read_json(self.out / "config.json")
+        saved = meta.get("resolved_config", {})
+        now = OmegaConf.to_container(self.cfg, resolve=True)
+        differs = [k for k in ("world", "model", "codec", "seed") if saved.get(k) != now.get(k)]
+        if differs:
+            raise CheckpointError(f"cannot resume {self.out}: its {', '.join(differs)} config differs from this run's; use the same overrides or a new out=")
+        state = load_tensors(self.out / STATE_FILE)
+        if int(state["step"]) != meta["step"]:
+            raise CheckpointError(f"{self.out}: training state (step {int(state['step'])}) does not match the weights (step {meta['step']}); the run was killed mid-save, re-run without resume")
+        loaded = WorldModel.load(self.out, codec=self.model.codec, device=self.device)
+        self.model.lam.load_state_dict(loaded.lam.state_dict())
+        self.model.dynamics.load_state_dict(loaded.dynamics.state_dict())
+        self.model.lam.quantizer.usage.copy_(loaded.lam.quantizer.usage)
+        _load_optimizer_state(self.opt, state)
+        self.batches.set_state(state["rng.batches"])
+        torch.set_rng_state(state["rng.torch"])
+        self.step = meta["step"]
+        progress = self.out / PROGRESS_FILE
+        self.history = read_json(progress)["history"] if progress.exists() else []
+        return True
+
+    # ---- one step -------------------------------------------------------------------------------------------
+
+    @property
+    def lam_frozen(self) -> bool:
+        return 0 < self.train_cfg.freeze_lam_at <= self.step
+
+    @torch.no_grad()
+    def _freeze_lam(self) -> None:
+        lam = self.model.lam.eval()
+        for p in lam.parameters():
+            p.requires_grad_(False)
+        chunks = [lam.infer_actions(self.train_data.mix[i : i + 64].to(self.device)) for i in range(0, len(self.train_data), 64)]
+        T = self.train_data.tokens.shape[-1]
+        self.frozen_actions = self.model.frame_actions(torch.cat(chunks), T).cpu()
+
+    def train_step(self) -> dict[str, float]:
+        t, model = self.train_cfg, self.model
+        if self.lam_frozen and self.frozen_actions is None:
+            self._freeze_lam()
+        lr = _lr_at(self.step, t)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(self.train_data), (t.batch_size,), generator=self.batches)
+        batch = self.train_data.batch(index)
+        tokens, sections = batch.tokens.to(self.device), batch.sections.to(self.device)
+        T = tokens.shape[-1]
+        logs: dict[str, float] = {"lr": lr}
+        loss = torch.zeros((), device=self.device)
+        if self.frozen_actions is None:
+            lam_out = model.lam(batch.mix.to(self.device))
+            actions = model.frame_actions(lam_out["actions"].detach(), T)
+            loss = t.recon_scale * lam_out["recon_loss"] + lam_out["vq_loss"]
+            logs.update(recon=lam_out["recon_loss"].item(), vq=lam_out["vq_loss"].item(),
+                        **{f"codebook_{k}": v for k, v in codebook_stats(lam_out["actions"], model.num_actions).items()})
+        else:
+            actions = self.frozen_actions[index].to(self.device)
+        model.dynamics.train()
+        _, ce = model.dynamics(tokens, actions, sections, targets=tokens)
+        loss = loss + ce
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+        self.opt.step()
+        if self.frozen_actions is None and self.step < t.restart_until and (self.step + 1) % t.restart_every == 0:
+            logs["restarted"] = model.lam.quantizer.restart_dead_codes(lam_out["z"].detach(), t.dead_code_threshold, lam_out["step_error"])
+        self.step += 1
+        logs.update(loss=loss.item(), dynamics_ce=ce.item())
+        return logs
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        model, data = self.model, self.eval_data
+        lam_mode, dyn_mode = model.lam.training, model.dynamics.training
+        model.lam.eval()
+        model.dynamics.eval()
+        actions = torch.cat([model.infer_actions(data.mix[i : i + 64].to(self.device)) for i in range(0, len(data), 64)]).cpu()
+        events = action_targets(data.events, model.stride, actions.shape[1])
+        T = data.tokens.shape[-1]
+        ces = []
+        for i in range(0, len(data), 32):
+            tokens = data.tokens[i : i + 32].to(self.device)
+            _, ce = model.dynamics(tokens, model.frame_actions(actions[i : i + 32].to(self.device), T), data.sections[i : i + 32].to(self.device), targets=tokens)
+            ces.append(float(ce) * len(tokens))
+        model.lam.train(lam_mode)
+        model.dynamics.train(dyn_mode)
+        return {"action_nmi": normalized_mutual_info(actions.numpy(), events), "token_ce": sum(ces) / len(data),
+                **codebook_stats(actions, model.num_actions)}
+
+
+def action_targets(events: torch.Tensor, stride: int, num_actions_steps: int) -> np.ndarray:
+    """Ground truth each action should explain: action j explains patch j → j+1, so the label is the event (of
+    any stem, combined) that starts in patch j+1. (N, S, T) events → (N, J) labels."""
+    events = events.numpy() if torch.is_tensor(events) else events
+    N, S, T = events.shape
+    combined = np.zeros((N, T), dtype=np.int64)
+    base = 1
+    for s in range(S):  # a mixed-radix code so that simultaneous events on different stems stay distinct
+        combined += events[:, s] * base
+        base *= int(events[:, s].max(initial=0)) + 1
+    J = num_actions_steps
+    labels = np.zeros((N, J), dtype=np.int64)
+    for j in range(J):
+        window = combined[:, (j + 1) * stride : (j + 2) * stride]
+        nonzero = np.where(window > 0, window, 0)
+        labels[:, j] = nonzero.max(axis=1) if window.shape[1] else 0  # the (highest-coded) event in the patch
+    return labels
+
+
+def train_world(cfg: DictConfig) -> dict:
+    """Train (or resume) a world model; returns the final held-out metrics."""
+    out = Path(cfg.out)
+    trainer = Trainer(cfg)
+    if cfg.resume:
+        if trainer.resume():
+            print(f"resuming {out} from step {trainer.step}")
+        else:
+            print(f"nothing to resume in {out}; starting fresh")
+    elif (out / "config.json").exists():
+        raise ConfigError(f"{out} already holds a checkpoint; pass resume=true to continue it or choose another out=")
+    t = trainer.train_cfg
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=trainer.step)
+    start = time.time()
+    bar = tqdm(total=t.steps, initial=trainer.step, desc="train-world", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    while trainer.step < t.steps:
+        logs = trainer.train_step()
+        for key, value in logs.items():
+            writer.add_scalar(f"train/{key}", value, trainer.step)
+        bar.update(1)
+        if trainer.step % t.eval_every == 0 or trainer.step == t.steps:
+            metrics = trainer.evaluate()
+            for key, value in metrics.items():
+                writer.add_scalar(f"eval/{key}", value, trainer.step)
+            trainer.history.append({"step": trainer.step, "seconds": round(time.time() - start, 1), **metrics})
+            bar.set_postfix(nmi=f"{metrics['action_nmi']:.3f}", ce=f"{metrics['token_ce']:.3f}", loss=f"{logs['loss']:.3f}")
+        if trainer.step % t.checkpoint_every == 0 or trainer.step == t.steps:
+            trainer.save()
+    bar.close()
+    writer.close()
+    summary = {"out": str(out), "steps": trainer.step, "seconds": round(time.time() - start, 1), **metrics}
+    print(json.dumps(summary))
+    return summary
