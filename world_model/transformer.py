@@ -37,37 +37,51 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables; `rotate` turns (B, H, T, D) queries/keys at absolute `positions`."""
+    """Rotary position embedding tables; `rotate` turns (B, H, T, D) queries/keys at absolute `positions`.
+
+    Pairs (x[2j], x[2j+1]) rotate by angle p·θ_j. They are read as complex numbers, so the rotation is one complex
+    multiply instead of a slice/stack/flatten chain (the op count matters for one-position decoding on CPU).
+    """
 
     def __init__(self, head_dim: int, max_positions: int, base: float):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         angles = torch.outer(torch.arange(max_positions).float(), inv_freq)  # (P, D/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # (cos, sin) pairs, stored real so that `module.to(dtype)` never drops an imaginary part
+        self.register_buffer("cis", torch.stack((angles.cos(), angles.sin()), dim=-1), persistent=False)  # (P, D/2, 2)
+
+    @property
+    def max_positions(self) -> int:
+        return self.cis.shape[0]
+
+    def factors(self, start: int, length: int) -> torch.Tensor:
+        """Complex rotation factors (length, D/2) for positions start..start+length-1."""
+        if start + length > self.cis.shape[0]:
+            raise ValueError(
+                f"sequence of {start + length} positions exceeds max_positions={self.cis.shape[0]}; raise model.max_positions"
+            )
+        return torch.view_as_complex(self.cis[start : start + length].float())
 
     def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        T = x.shape[-2]
-        if start + T > self.cos.shape[0]:
-            raise ValueError(f"sequence of {start + T} positions exceeds max_positions={self.cos.shape[0]}; raise model.max_positions")
-        cos = self.cos[start : start + T].to(x.dtype)  # (T, D/2)
-        sin = self.sin[start : start + T].to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        # x (..., T, D) → same shape; also takes q and k stacked on a leading dim
+        f = self.factors(start, x.shape[-2])
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * f).flatten(-2).to(x.dtype)
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (B, H, max_T, D) each, filled left to right."""
+    """Preallocated keys/values for every layer, filled left to right: values (B, H, max_T, D), keys stored
+    transposed (B, H, D, max_T) so that one decoding query against them is a plain batched matrix-vector product
+    (about twice as fast as scaled_dot_product_attention for a single query on CPU)."""
 
     def __init__(self, layers: int, batch: int, heads: int, head_dim: int, max_positions: int, device, dtype):
-        shape = (batch, heads, max_positions, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.keys = [torch.zeros(batch, heads, head_dim, max_positions, device=device, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(batch, heads, max_positions, head_dim, device=device, dtype=dtype) for _ in range(layers)]
         self.length = 0  # positions already cached
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.values[0].shape[2]
 
 
 class Attention(nn.Module):
@@ -84,21 +98,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, D)
+        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         start = cache.length if cache is not None else 0
-        q, k = self.rotary.rotate(q, start), self.rotary.rotate(k, start)
+        q, k = self.rotary.rotate(qkv[:2], start)  # queries and keys in one rotation
+        v = qkv[2]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
             end = start + T
             if end > cache.capacity:
                 raise ValueError(f"KV cache full ({cache.capacity} positions); start a new cache or raise max_positions")
-            cache.keys[layer][:, :, start:end] = k
+            cache.keys[layer][..., start:end] = k.transpose(-2, -1)
             cache.values[layer][:, :, start:end] = v
-            keys, values = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+            keys, values = cache.keys[layer][..., :end], cache.values[layer][:, :, :end]  # (B, H, D, end), (B, H, end, D)
             if T == 1:  # one new position sees every cached one: no mask needed
-                y = F.scaled_dot_product_attention(q, keys, values)
+                scores = torch.matmul(q * self.head_dim**-0.5, keys)  # (B, H, 1, end)
+                y = torch.matmul(scores.softmax(-1), values)
+            elif start == 0:  # a prefill: nothing cached before it, so plain causal attention over the chunk
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # a chunk: causal within the chunk, full view of the past
+                keys = keys.transpose(-2, -1).contiguous()
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -153,6 +172,10 @@ class Transformer(nn.Module):
             max_positions or self.cfg.max_positions, device or param.device, dtype or param.dtype,
         )
 
+    def decoder(self) -> StepDecoder:
+        """A snapshot of the weights laid out for fast one-position decoding (see StepDecoder)."""
+        return StepDecoder(self)
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         # x: (B, T, C) → (B, T, C). With a cache, x holds only the new positions and the cache advances.
         for i, block in enumerate(self.blocks):
@@ -160,6 +183,70 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)
+
+
+class StepDecoder:
+    """`Transformer.forward(x, cache)` for one new position per sequence, in few kernel launches.
+
+    On CPU at batch 1 a decoding step is bound by per-op overhead and weight reads, not arithmetic, so the weights
+    are prepared once: transposed for `mm`/`addmm` (F.linear re-packs them every call), each RMSNorm's weight folded
+    into the matrix after it (the norm becomes one per-row scale applied after the matmul), the attention scale
+    folded into the query columns, residual adds fused into `addmm`, attention as two `bmm`s over the cache's
+    transposed keys. Same maths as the module path; it agrees to float rounding. A snapshot: build a new one after
+    the weights change. Inference only (no dropout, no autograd).
+    """
+
+    def __init__(self, model: Transformer):
+        cfg = model.cfg
+        C, H = cfg.dim, cfg.heads
+        D = C // H
+        self.dim, self.heads, self.head_dim = C, H, D
+        self.rotary = model.rotary
+        root = math.sqrt(C)  # rms(x) = ||x|| / sqrt(C): scale = sqrt(C) / sqrt(||x||² + C·eps), sqrt(C) folded in
+        param = model.norm.weight
+        self.eps_c = torch.tensor(C * model.norm.eps, dtype=param.dtype, device=param.device)  # a tensor: no scalar wrap per op
+        self.layers = []
+        with torch.no_grad():
+            for block in model.blocks:
+                wqkv = block.attn.qkv.weight.t() * (block.attn_norm.weight * root)[:, None]  # (C, 3C)
+                wqkv[:, :C] *= D**-0.5
+                wgu = block.mlp.gate_up.weight.t() * (block.mlp_norm.weight * root)[:, None]  # (C, 2F)
+                self.layers.append((
+                    wqkv.contiguous(), block.attn.proj.weight.t().contiguous(), wgu.contiguous(),
+                    block.mlp.down.weight.t().contiguous(),
+                ))
+            self.final = (model.norm.weight * root).detach().clone()
+        self._views: tuple | None = None
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # x: (B, C) embeddings of one new position per sequence → (B, C) normalised states; the cache advances.
+        # Written flat (narrow/select, no helper calls): Python overhead is a large share of a step at this size.
+        if not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return self.step(x, cache)
+        B, C, H, D = x.shape[0], self.dim, self.heads, self.head_dim
+        pos = cache.length
+        if pos + 1 > cache.capacity:
+            raise ValueError(f"KV cache full ({cache.capacity} positions); start a new cache or raise max_positions")
+        if self._views is None or self._views[0] is not cache:  # (B·H)-batched views of the cache, made once
+            self._views = (cache, [k.view(B * H, D, -1) for k in cache.keys], [v.view(B * H, -1, D) for v in cache.values])
+        _, keys, values = self._views
+        f = self.rotary.factors(pos, 1)[0]  # (D/2,) complex
+        end, eps, norm = pos + 1, self.eps_c, torch.linalg.vector_norm
+        for (wqkv, wo, wgu, wd), k_cache, v_cache in zip(self.layers, keys, values):
+            scale = norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()  # (B, 1): the RMSNorm
+            qkv = torch.mm(x, wqkv).mul_(scale)  # (B, 3C): q (pre-scaled for attention), k, v
+            qk = torch.view_as_real(torch.view_as_complex(qkv.narrow(1, 0, 2 * C).view(B, 2, H, D // 2, 2)) * f)
+            k_cache.select(2, pos).copy_(qk.select(1, 1).reshape(B * H, D))
+            v_cache.select(1, pos).copy_(qkv.narrow(1, 2 * C, C).reshape(B * H, D))
+            scores = torch.bmm(qk.select(1, 0).reshape(B * H, 1, D), k_cache.narrow(2, 0, end))  # (B·H, 1, end)
+            y = torch.bmm(scores.softmax(-1), v_cache.narrow(1, 0, end))  # (B·H, 1, D)
+            x = torch.addmm(x, y.view(B, C), wo)
+            scale = norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()
+            gate, up = torch.mm(x, wgu).mul_(scale).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), wd)
+        cache.length = end
+        return x.mul_(norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()).mul_(self.final)
 
 
 def _init_weights(module: nn.Module) -> None:
