@@ -41,6 +41,7 @@ class LAMConfig:
     target: str = "waveform"  # reconstruction space: waveform | normalized (per-patch standardised) | logmel
     n_mels: int = 32  # mel bands for target=logmel
     commitment: float = 0.25  # VQ commitment weight β
+    normalize_codes: bool = False  # VQ on unit vectors (cosine distance) rather than raw encodings
     preemphasis: float = 0.95  # also penalise the pre-emphasised error (x[n] − c·x[n−1]); 0 = off. Keeps hi-hats audible to the loss
     onset_weight: float = 4.0  # reconstruction weight 1 + onset_weight · (log-energy rise from t to t+1)
     dead_code_threshold: float = 0.02  # a code used by less than this share of a batch's steps (EMA) is dead
@@ -50,18 +51,22 @@ class LAMConfig:
 class ActionQuantizer(nn.Module):
     """Nearest-neighbour VQ with a straight-through gradient, usage tracking and dead-code restarts."""
 
-    def __init__(self, num_codes: int, dim: int, commitment: float):
+    def __init__(self, num_codes: int, dim: int, commitment: float, normalize: bool = True):
         super().__init__()
         self.codebook = nn.Parameter(torch.randn(num_codes, dim) * 0.1)
         self.commitment = commitment
+        self.normalize = normalize
         self.register_buffer("usage", torch.full((num_codes,), 1.0 / num_codes))  # EMA share of steps per code
 
     def forward(self, z: torch.Tensor):
         # z: (B, T, D) → quantised (B, T, D), codes (B, T), vq loss
+        codebook = self.codebook
+        if self.normalize:  # compare directions only, so a quiet hit is as far from silence as a loud one
+            z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
         flat = z.reshape(-1, z.shape[-1])
-        dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1)[None])
+        dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None])
         codes = dist.argmin(dim=1)
-        quantised = self.codebook[codes].view_as(z)
+        quantised = codebook[codes].view_as(z)
         loss = F.mse_loss(quantised, z.detach()) + self.commitment * F.mse_loss(z, quantised.detach())
         if self.training:
             share = torch.bincount(codes, minlength=self.codebook.shape[0]).float() / codes.numel()
@@ -77,6 +82,8 @@ class ActionQuantizer(nn.Module):
         dead = torch.nonzero(self.usage < threshold).flatten()
         if len(dead) == 0:
             return 0
+        if self.normalize:
+            z = F.normalize(z, dim=-1)
         flat = z.reshape(-1, z.shape[-1])
         if error is None:
             rows = torch.randint(len(flat), (len(dead),), device=flat.device)
@@ -108,7 +115,7 @@ class LatentActionModel(nn.Module):
         self.encoder_in = nn.Linear(self.patch, cfg.dim)
         self.encoder = stack(cfg.encoder_layers)
         self.to_code = nn.Linear(cfg.dim, cfg.code_dim)
-        self.quantizer = ActionQuantizer(cfg.num_actions, cfg.code_dim, cfg.commitment)
+        self.quantizer = ActionQuantizer(cfg.num_actions, cfg.code_dim, cfg.commitment, cfg.normalize_codes)
         self.decoder_in = nn.Linear(self.patch, cfg.dim)
         self.action_in = nn.Linear(cfg.code_dim, cfg.dim)
         self.decoder = stack(cfg.decoder_layers)

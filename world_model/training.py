@@ -29,7 +29,7 @@ from melodjinn.world_model.dynamics import DynamicsConfig
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.lam import LAMConfig, codebook_stats
 from melodjinn.world_model.metrics import normalized_mutual_info
-from melodjinn.world_model.runtime import resolve_device, to_dataclass
+from melodjinn.world_model.runtime import resolve_device, seed_everything, to_dataclass
 from melodjinn.world_model.world_data import WorldTensors, cached_world_tensors
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import make_world
@@ -93,6 +93,7 @@ class Trainer:
         self.train_cfg = to_dataclass(TrainWorldConfig, cfg.train, "train")
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
+        seed_everything(int(cfg.seed))  # model init and the first steps' randomness are the seed's, not the caller's
         codec = load_codec(cfg.codec, device=self.device)
         world_cfg = OmegaConf.to_container(cfg.world, resolve=True)
         lam_cfg = to_dataclass(LAMConfig, cfg.model.lam, "model.lam")

@@ -1,0 +1,120 @@
+"""The world model learns and obeys: LAM action discovery, action/frame alignment, training resume."""
+
+import numpy as np
+import pytest
+import torch
+
+from melodjinn.cli.main import compose
+from melodjinn.world_model.codec import TinyCodec, TinyCodecConfig
+from melodjinn.world_model.drum_world import DrumWorld, DrumWorldConfig
+from melodjinn.world_model.errors import CheckpointError, ConfigError
+from melodjinn.world_model.lam import LAMConfig, LatentActionModel
+from melodjinn.world_model.metrics import normalized_mutual_info
+from melodjinn.world_model.training import Trainer, action_targets, train_world
+from melodjinn.world_model.world_model import WorldModel
+
+
+def _mixes(world, n):
+    clips = [world.clip(i) for i in range(n)]
+    return torch.tensor(np.stack([c.mix for c in clips])), np.stack([c.events for c in clips])
+
+
+def test_lam_discovers_drum_actions_aligned_to_the_next_frame():
+    """A short seeded LAM run on the 2-drum world: its actions must explain the event in the *next* patch
+    (a[t] ↔ frame t+1) far better than chance, and far better than the same-frame event (a one-frame shift)."""
+    torch.manual_seed(0)
+    world = DrumWorld(DrumWorldConfig(num_drums=2, clip_seconds=1.0))
+    train_mix, _ = _mixes(world, 256)
+    held_mix, held_events = _mixes(DrumWorld(world.config, seed=1000), 48)
+    lam = LatentActionModel(LAMConfig(num_actions=6))
+    before = lam.infer_actions(held_mix).numpy()
+    opt = torch.optim.Adam(lam.parameters(), 1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 401):
+        out = lam(train_mix[torch.randint(len(train_mix), (16,), generator=gen)])
+        loss = 100 * out["recon_loss"] + out["vq_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step < 200 and step % 50 == 0:
+            lam.quantizer.restart_dead_codes(out["z"].detach(), 0.0005, out["step_error"])
+    lam.eval()
+    actions = lam.infer_actions(held_mix).numpy()  # (N, T-1)
+    aligned = normalized_mutual_info(actions, action_targets(held_events, 1, actions.shape[1]))
+    same_frame = normalized_mutual_info(actions, held_events[:, 0, :-1])
+    untrained = normalized_mutual_info(before, action_targets(held_events, 1, before.shape[1]))
+    assert aligned >= 0.6, aligned
+    assert aligned > 3 * same_frame, (aligned, same_frame)
+    assert untrained < 0.3, untrained
+
+
+def test_action_targets_follow_the_lam_convention():
+    events = np.zeros((1, 1, 8), dtype=np.int64)
+    events[0, 0, 3] = 2  # drum 1 starts in frame 3
+    labels = action_targets(events, stride=1, num_actions_steps=7)
+    assert labels.tolist() == [[0, 0, 2, 0, 0, 0, 0]]  # a[2] explains frame 2 → 3
+    labels = action_targets(events, stride=2, num_actions_steps=3)
+    assert labels.tolist() == [[2, 0, 0]]  # patch 1 = frames 2-3; a[0] explains patch 0 → 1
+
+
+@pytest.fixture(scope="module")
+def untrained_codec(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("codec")
+    codec = TinyCodec(TinyCodecConfig(num_codebooks=2, codebook_size=16))
+    with torch.no_grad():
+        codec.init_quantizer(codec.encoder(torch.from_numpy(_mixes(DrumWorld(), 4)[0].numpy())[:, None]))
+    codec.save(path)
+    return str(path)
+
+
+def _tiny_overrides(codec_dir, out, steps):
+    return [
+        f"out={out}", f"codec.checkpoint={codec_dir}", f"train.steps={steps}", "train.batch_size=4",
+        "train.train_clips=8", "train.eval_clips=4", "train.eval_every=2", "train.checkpoint_every=3",
+        "train.freeze_lam_at=4", "train.restart_every=2", "train.restart_until=3", "train.warmup_steps=2",
+        "world.clip_seconds=0.5", "model.lam.dim=16", "model.lam.heads=2", "model.dynamics.dim=16",
+        "model.dynamics.layers=1", "model.dynamics.heads=2",
+    ]
+
+
+def test_killed_run_resumes_to_the_same_weights(untrained_codec, tmp_path, monkeypatch):
+    straight = train_world(compose("train-world", _tiny_overrides(untrained_codec, tmp_path / "a", 6)))
+    # the same run killed during step 5 (its last checkpoint is step 3), then resumed
+    real_step = Trainer.train_step
+
+    def dies_at_step_5(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_world(compose("train-world", _tiny_overrides(untrained_codec, tmp_path / "b", 6)))
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed = train_world(compose("train-world", _tiny_overrides(untrained_codec, tmp_path / "b", 6) + ["resume=true"]))
+    a, b = WorldModel.load(tmp_path / "a"), WorldModel.load(tmp_path / "b")
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+    assert straight["action_nmi"] == resumed["action_nmi"]
+
+
+def test_existing_run_is_never_overwritten(untrained_codec, tmp_path):
+    train_world(compose("train-world", _tiny_overrides(untrained_codec, tmp_path, 3)))
+    before = (tmp_path / "dynamics.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="resume=true"):
+        train_world(compose("train-world", _tiny_overrides(untrained_codec, tmp_path, 3)))
+    with pytest.raises(CheckpointError, match="model"):
+        train_world(compose("train-world", _tiny_overrides(untrained_codec, tmp_path, 6) + ["resume=true", "model.lam.num_actions=4"]))
+    assert (tmp_path / "dynamics.safetensors").read_bytes() == before
+
+
+def test_checkpoint_mismatch_is_named(untrained_codec, tmp_path):
+    train_world(compose("train-world", _tiny_overrides(untrained_codec, tmp_path, 3)))
+    import json
+
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"]["dynamics"]["layers"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="missing"):
+        WorldModel.load(tmp_path)
