@@ -43,6 +43,7 @@ class LAMConfig:
     commitment: float = 0.25  # VQ commitment weight β
     normalize_codes: bool = False  # VQ on unit vectors (cosine distance) rather than raw encodings
     preemphasis: float = 0.95  # also penalise the pre-emphasised error (x[n] − c·x[n−1]); 0 = off. Keeps hi-hats audible to the loss
+    gain_invariant: bool = True  # score reconstructions up to a non-negative gain, so codes need not encode loudness
     onset_weight: float = 4.0  # reconstruction weight 1 + onset_weight · (log-energy rise from t to t+1)
     dead_code_threshold: float = 0.02  # a code used by less than this share of a batch's steps (EMA) is dead
     max_positions: int = 2048  # longest clip in action steps
@@ -154,16 +155,25 @@ class LatentActionModel(nn.Module):
         h = self.decoder(self.decoder_in(patches[:, :-1]) + self.action_in(quantised))  # (B, T-1, C)
         prediction = self.decoder_out(h)
         target = self.target(patches[:, 1:])
-        error = prediction - target
-        per_step = error.pow(2).mean(-1)  # (B, T-1)
+        per_step = self._distance(prediction, target)  # (B, T-1)
         if self.cfg.preemphasis and self.cfg.target != "logmel":
             # raw MSE is dominated by low-frequency energy (a kick's body); the emphasised copy weighs highs too
-            per_step = per_step + (error[..., 1:] - self.cfg.preemphasis * error[..., :-1]).pow(2).mean(-1)
+            c = self.cfg.preemphasis
+            per_step = per_step + self._distance(prediction[..., 1:] - c * prediction[..., :-1], target[..., 1:] - c * target[..., :-1])
         energy = patches.pow(2).mean(-1).add(1e-4).log()  # (B, T)
         weight = 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
         recon = (weight * per_step).sum() / weight.sum()
         return {"actions": actions, "recon_loss": recon, "vq_loss": vq_loss, "z": z, "prediction": prediction,
                 "step_error": (weight * per_step).detach()}
+
+    def _distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # (B, T, P) × 2 → (B, T) mean squared error, or with gain_invariant the error left after the best
+        # non-negative rescaling of the prediction: the loudness of a hit is then not worth a code of its own
+        if not self.cfg.gain_invariant:
+            return (prediction - target).pow(2).mean(-1)
+        dot = (prediction * target).sum(-1).clamp(min=0)
+        residual = target.pow(2).sum(-1) - dot.pow(2) / (prediction.pow(2).sum(-1) + 1e-8)
+        return residual.clamp(min=0) / target.shape[-1]
 
     @torch.no_grad()
     def infer_actions(self, waveform: torch.Tensor) -> torch.Tensor:
