@@ -38,7 +38,7 @@ class EvalWorldConfig:
     contexts_per_action: int = 16  # controllability: injections per used action
     context_frames: int = 45  # prompt length before the injected action
     continuation_frames: int = 8  # frames generated after the injection (the hit lands in the first)
-    tolerance_frames: int = 1  # the detected hit may be this many frames off the injection frame
+    tolerance_frames: int = 1  # the detected hit may be this many frames after the injection frame
     psnr_clips: int = 16  # delta_psnr: clips continued with LAM vs random actions
     psnr_frames: int = 60  # frames generated for delta_psnr
     temperature: float = 0.0  # sampling temperature for evaluation (0 = greedy, deterministic)
@@ -67,7 +67,7 @@ def controllability(model: WorldModel, world, meanings: dict[int, int], cfg: Eva
     detector = DrumHitDetector.for_world(world)
     noop = next((a for a, label in meanings.items() if label == 0), model.null_action)
     P, G = cfg.context_frames, cfg.continuation_frames
-    held = build_world_tensors(world, model.codec, cfg.contexts_per_action, progress=False)
+    held = _quiet_contexts(world, model.codec, cfg.contexts_per_action, P)
     prompt = held.tokens[:, :, :, :P].to(device)  # (C, S, K, P)
     prompt_actions = model.frame_actions(model.infer_actions(held.mix[:, : P * HOP].to(device)), P)
     results, exact = {}, {}
@@ -82,7 +82,7 @@ def controllability(model: WorldModel, world, meanings: dict[int, int], cfg: Eva
         detected = detector.detect(audio)  # (C, T)
         hits, on_time = 0, 0
         for row in detected:
-            window = row[max(0, P - cfg.tolerance_frames) : P + cfg.tolerance_frames + 1]
+            window = row[P : P + cfg.tolerance_frames + 1]  # the action can cause nothing before frame P
             found = int(next((e for e in window if e > 0), 0))
             hits += found == meaning
             on_time += int(row[P]) == meaning
@@ -93,6 +93,30 @@ def controllability(model: WorldModel, world, meanings: dict[int, int], cfg: Eva
         "controllability_exact_frame": _balanced_over_events(exact, meanings, world.num_events),
         "per_action": {str(a): {"event": meanings[a], "accuracy": round(results[a], 3)} for a in results},
     }
+
+
+def _quiet_contexts(world, codec, count: int, prompt_frames: int, quiet_frames: int = 3) -> WorldTensors:
+    """Held-out clips whose last `quiet_frames` prompt frames start no event, so a hit found at the injection
+    frame cannot be the prompt's own (the detector merges hits closer than its minimum gap)."""
+    chosen, index = [], 0
+    while len(chosen) < count:
+        clip = world.clip(index)
+        if not clip.events[:, prompt_frames - quiet_frames : prompt_frames + 1].any():
+            chosen.append(index)
+        index += 1
+    data = build_world_tensors(_Subset(world, chosen), codec, count, progress=False)
+    return data
+
+
+class _Subset:
+    """The clips `indices` of `world`, renumbered 0..n-1."""
+
+    def __init__(self, world, indices: list[int]):
+        self.world, self.indices = world, indices
+        self.name, self.seed, self.stem_names = world.name, world.seed, world.stem_names
+
+    def clip(self, index: int):
+        return self.world.clip(self.indices[index])
 
 
 def _balanced_over_events(accuracy: dict[int, float], meanings: dict[int, int], num_events: int) -> float:

@@ -52,6 +52,8 @@ class TrainWorldConfig:
     restart_until: int = 600  # ... only before this step: late restarts split NOOP and codes flip
     dead_code_threshold: float = 0.0005  # EMA usage share below which a code counts as dead
     freeze_lam_at: int = 1500  # freeze the LAM after this many steps (0 = never)
+    merge_tolerance: float = 0.05  # at freeze, merge codes whose swap costs < this share of their loss (0 = off)
+    merge_clips: int = 64  # train clips used to judge redundant codes
     train_clips: int = 1024  # train clips rendered and encoded once (clip i of the world under `seed`)
     eval_clips: int = 64  # held-out clips from `eval_seed`
     eval_seed: int = 1000  # the held-out split's seed; never used for training
@@ -112,6 +114,7 @@ class Trainer:
         self.step = 0
         self.frozen_actions: torch.Tensor | None = None  # (N, T) per-frame actions once the LAM is frozen
         self.history: list[dict] = []
+        self.merges: list[tuple[int, int]] = []
 
     # ---- state ----------------------------------------------------------------------------------------------
 
@@ -160,6 +163,9 @@ class Trainer:
         lam = self.model.lam.eval()
         for p in lam.parameters():
             p.requires_grad_(False)
+        if self.train_cfg.merge_tolerance > 0:
+            probe = self.train_data.mix[: self.train_cfg.merge_clips].to(self.device)
+            self.merges = lam.merge_redundant_codes(probe, self.train_cfg.merge_tolerance)
         chunks = [lam.infer_actions(self.train_data.mix[i : i + 64].to(self.device)) for i in range(0, len(self.train_data), 64)]
         T = self.train_data.tokens.shape[-1]
         self.frozen_actions = self.model.frame_actions(torch.cat(chunks), T).cpu()
