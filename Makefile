@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml
 	@$(MAKE) --no-print-directory system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q --no-deps $(ENCODEC_SPEC)
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(ENCODEC_SPEC)
 	$(BIN)/python -c "import torch, melodjinn.world_model.codec as c; c.import_encodec(); print('melodjinn ready: torch', torch.__version__)"
 	touch $@
 
