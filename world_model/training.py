@@ -51,7 +51,11 @@ class TrainWorldConfig:
     restart_every: int = 50  # dead-code restart period (steps) ...
     restart_until: int = 600  # ... only before this step: late restarts split NOOP and codes flip
     dead_code_threshold: float = 0.0005  # EMA usage share below which a code counts as dead
-    freeze_lam_at: int = 1500  # freeze the LAM after this many steps (0 = never)
+    freeze_lam_at: int = 1500  # freeze the LAM at this step at the latest (0 = never)
+    freeze_when_settled: bool = True  # ... or earlier, once its codes stop changing (checked after restart_until)
+    settle_every: int = 50  # steps between code-stability checks on a fixed probe of train clips
+    settle_threshold: float = 0.003  # codes count as settled when less than this share of probe steps changed code
+    settle_patience: int = 3  # ... for this many checks in a row
     merge_tolerance: float = 0.05  # at freeze, merge codes whose swap costs < this share of their loss (0 = off)
     merge_clips: int = 64  # train clips used to judge redundant codes
     train_clips: int = 1024  # train clips rendered and encoded once (clip i of the world under `seed`)
@@ -115,14 +119,19 @@ class Trainer:
         self.frozen_actions: torch.Tensor | None = None  # (N, T) per-frame actions once the LAM is frozen
         self.history: list[dict] = []
         self.merges: list[tuple[int, int]] = []
+        self.frozen_at: int | None = None  # step at which the codes settled and the LAM was frozen early
+        self.last_probe: torch.Tensor | None = None
+        self.settled_checks = 0
 
     # ---- state ----------------------------------------------------------------------------------------------
 
     def save(self) -> None:
         extra = {"train": asdict(self.train_cfg), "resolved_config": OmegaConf.to_container(self.cfg, resolve=True),
-                 "step": self.step}
+                 "step": self.step, "lam_frozen_at": self.frozen_at, "merged_codes": self.merges}
         state = {**_optimizer_state(self.opt), "rng.batches": self.batches.get_state(), "rng.torch": torch.get_rng_state(),
-                 "step": torch.tensor(self.step)}
+                 "step": torch.tensor(self.step), "settle.checks": torch.tensor(self.settled_checks)}
+        if self.last_probe is not None:
+            state["settle.probe"] = self.last_probe
         # state first, weights + config.json last: config.json's step says which state belongs to it
         save_tensors(self.out / STATE_FILE, state)
         write_json(self.out / PROGRESS_FILE, {"step": self.step, "history": self.history})
@@ -148,6 +157,10 @@ class Trainer:
         self.batches.set_state(state["rng.batches"])
         torch.set_rng_state(state["rng.torch"])
         self.step = meta["step"]
+        self.frozen_at = meta.get("lam_frozen_at")
+        self.settled_checks = int(state["settle.checks"])
+        self.last_probe = state["settle.probe"].to(self.device) if "settle.probe" in state else None
+        self.merges = [tuple(m) for m in meta.get("merged_codes", [])]
         progress = self.out / PROGRESS_FILE
         self.history = read_json(progress)["history"] if progress.exists() else []
         return True
@@ -156,7 +169,19 @@ class Trainer:
 
     @property
     def lam_frozen(self) -> bool:
-        return 0 < self.train_cfg.freeze_lam_at <= self.step
+        return self.frozen_at is not None or 0 < self.train_cfg.freeze_lam_at <= self.step
+
+    @torch.no_grad()
+    def _check_settled(self) -> None:
+        """Label-free early freeze: the write-up's codes flipped when the LAM kept training after converging."""
+        t = self.train_cfg
+        probe = self.model.lam.infer_actions(self.train_data.mix[: t.merge_clips].to(self.device))
+        if self.last_probe is not None:
+            changed = float((probe != self.last_probe).float().mean())
+            self.settled_checks = self.settled_checks + 1 if changed < t.settle_threshold else 0
+            if self.settled_checks >= t.settle_patience:
+                self.frozen_at = self.step
+        self.last_probe = probe
 
     @torch.no_grad()
     def _freeze_lam(self) -> None:
@@ -165,7 +190,7 @@ class Trainer:
             p.requires_grad_(False)
         if self.train_cfg.merge_tolerance > 0:
             probe = self.train_data.mix[: self.train_cfg.merge_clips].to(self.device)
-            self.merges = lam.merge_redundant_codes(probe, self.train_cfg.merge_tolerance)
+            self.merges += lam.merge_redundant_codes(probe, self.train_cfg.merge_tolerance)
         chunks = [lam.infer_actions(self.train_data.mix[i : i + 64].to(self.device)) for i in range(0, len(self.train_data), 64)]
         T = self.train_data.tokens.shape[-1]
         self.frozen_actions = self.model.frame_actions(torch.cat(chunks), T).cpu()
@@ -202,6 +227,9 @@ class Trainer:
         if self.frozen_actions is None and self.step < t.restart_until and (self.step + 1) % t.restart_every == 0:
             logs["restarted"] = model.lam.quantizer.restart_dead_codes(lam_out["z"].detach(), t.dead_code_threshold, lam_out["step_error"])
         self.step += 1
+        if (self.frozen_actions is None and t.freeze_when_settled and self.step >= t.restart_until
+                and self.step % t.settle_every == 0):
+            self._check_settled()
         logs.update(loss=loss.item(), dynamics_ce=ce.item())
         return logs
 
@@ -277,6 +305,7 @@ def train_world(cfg: DictConfig) -> dict:
             trainer.save()
     bar.close()
     writer.close()
-    summary = {"out": str(out), "steps": trainer.step, "seconds": round(time.time() - start, 1), **metrics}
+    summary = {"out": str(out), "steps": trainer.step, "seconds": round(time.time() - start, 1),
+               "lam_frozen_at": trainer.frozen_at or t.freeze_lam_at, "merged_codes": trainer.merges, **metrics}
     print(json.dumps(summary))
     return summary

@@ -1,0 +1,62 @@
+"""The shipped drum world model obeys its actions, on time: the check that catches a one-frame shift between
+actions and tokens anywhere in the LAM → dynamics → codec → detector chain."""
+
+import numpy as np
+import pytest
+import torch
+
+from melodjinn.cli.main import run
+from melodjinn.world_model.evaluation import EvalWorldConfig, _quiet_contexts, action_meanings, lam_actions
+from melodjinn.world_model.events import DrumHitDetector
+from melodjinn.world_model.training import action_targets
+from melodjinn.world_model.world_data import build_world_tensors
+from melodjinn.world_model.world_model import WorldModel
+from melodjinn.world_model.worlds import make_world
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = WorldModel.load("drums")
+    world = make_world(model.world, seed=1000)
+    held = build_world_tensors(world, model.codec, 32, progress=False)
+    actions = lam_actions(model, held, "cpu")
+    meanings = action_meanings(actions, action_targets(held.events, 1, actions.shape[1]), model.num_actions, 0.002)
+    return model, world, meanings
+
+
+def _inject(model, world, action, noop, at_frame, contexts):
+    P = 45
+    actions = torch.full((len(contexts), P + 6), noop, dtype=torch.long)
+    actions[:, :P] = model.frame_actions(model.infer_actions(contexts.mix[:, : P * 320]), P)
+    actions[:, at_frame - 1] = action
+    out = model.generate(contexts.tokens[..., :P], 6, actions, temperature=0.0, decode=True)
+    return DrumHitDetector.for_world(world).detect(out["audio"].sum(1).numpy())  # (C, T)
+
+
+def test_every_drum_has_an_action_and_it_lands_on_the_injected_frame(shipped):
+    model, world, meanings = shipped
+    noop = next(a for a, e in meanings.items() if e == 0)
+    contexts = _quiet_contexts(world, model.codec, 6, 45)
+    drums = {e: a for a, e in meanings.items() if e > 0}
+    assert sorted(drums) == list(range(1, world.num_events)), meanings  # every drum is reachable
+    for event, action in drums.items():
+        on_time = _inject(model, world, action, noop, 45, contexts)
+        late = _inject(model, world, action, noop, 46, contexts)
+        assert np.mean(on_time[:, 45] == event) >= 0.8, (event, on_time[:, 43:49])
+        assert np.mean(late[:, 46] == event) >= 0.8, (event, late[:, 43:49])
+        assert np.mean(late[:, 45] == event) <= 0.2  # injected one frame later → not on the earlier frame
+
+
+def test_noop_action_adds_no_hit(shipped):
+    model, world, meanings = shipped
+    noop = next(a for a, e in meanings.items() if e == 0)
+    contexts = _quiet_contexts(world, model.codec, 6, 45)
+    detected = _inject(model, world, noop, noop, 45, contexts)
+    assert (detected[:, 45:] == 0).mean() >= 0.9
+
+
+def test_demo_runs_on_the_shipped_default(tmp_path):
+    result = run("demo", f"out={tmp_path}", "seconds=2")
+    assert (tmp_path / "steered.wav").exists()
+    assert result["scripted_hits"] > 0
+    assert result["scripted_hit_f1"] >= 0.8, result
