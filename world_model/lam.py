@@ -58,6 +58,8 @@ class ActionQuantizer(nn.Module):
         self.commitment = commitment
         self.normalize = normalize
         self.register_buffer("usage", torch.full((num_codes,), 1.0 / num_codes))  # EMA share of steps per code
+        # code → the code it stands for; identity until redundant codes are merged (`merge_redundant_codes`)
+        self.register_buffer("code_map", torch.arange(num_codes))
 
     def forward(self, z: torch.Tensor):
         # z: (B, T, D) → quantised (B, T, D), codes (B, T), vq loss
@@ -66,7 +68,7 @@ class ActionQuantizer(nn.Module):
             z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
         flat = z.reshape(-1, z.shape[-1])
         dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None])
-        codes = dist.argmin(dim=1)
+        codes = self.code_map[dist.argmin(dim=1)]
         quantised = codebook[codes].view_as(z)
         loss = F.mse_loss(quantised, z.detach()) + self.commitment * F.mse_loss(z, quantised.detach())
         if self.training:
@@ -174,6 +176,54 @@ class LatentActionModel(nn.Module):
         dot = (prediction * target).sum(-1).clamp(min=0)
         residual = target.pow(2).sum(-1) - dot.pow(2) / (prediction.pow(2).sum(-1) + 1e-8)
         return residual.clamp(min=0) / target.shape[-1]
+
+    @torch.no_grad()
+    def merge_redundant_codes(self, waveform: torch.Tensor, tolerance: float = 0.05) -> list[tuple[int, int]]:
+        """Fold away codes that carry no information, label-free: code a merges into code b when decoding with b
+        in a's place raises the reconstruction loss by less than `tolerance` of the loss on a's steps. Spare codes
+        help optimisation, but after convergence some only split NOOP (silence vs decay) or another transition.
+        Greedy, most redundant first; returns the (merged, kept) pairs. `waveform` (B, N) is training audio."""
+        was_training = self.training
+        self.eval()
+        patches = self.patches(waveform)
+        _, actions, _, z = self.encode(patches)  # actions (B, T-1)
+        context = self.decoder_in(patches[:, :-1])
+        target = self.target(patches[:, 1:])
+        energy = patches.pow(2).mean(-1).add(1e-4).log()
+        weight = 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
+
+        def step_loss(codes: torch.Tensor) -> torch.Tensor:
+            quantised = self.quantizer.codebook[codes]
+            if self.quantizer.normalize:
+                quantised = F.normalize(quantised, dim=-1)
+            prediction = self.decoder_out(self.decoder(context + self.action_in(quantised)))
+            per_step = self._distance(prediction, target)
+            if self.cfg.preemphasis and self.cfg.target != "logmel":
+                c = self.cfg.preemphasis
+                per_step = per_step + self._distance(prediction[..., 1:] - c * prediction[..., :-1], target[..., 1:] - c * target[..., :-1])
+            return weight * per_step  # (B, T-1)
+
+        merges = []
+        while True:
+            base = step_loss(actions)
+            best = None
+            used = [int(a) for a in torch.unique(actions)]
+            for a in used:
+                own = base[actions == a].sum()
+                for b in used:
+                    if a == b:
+                        continue
+                    increase = (step_loss(torch.where(actions == a, b, actions)).sum() - base.sum()) / own.clamp(min=1e-12)
+                    if increase < tolerance and (best is None or increase < best[0]):
+                        best = (float(increase), a, b)
+            if best is None:
+                break
+            _, a, b = best
+            self.quantizer.code_map[self.quantizer.code_map == a] = b
+            actions = torch.where(actions == a, b, actions)
+            merges.append((a, b))
+        self.train(was_training)
+        return merges
 
     @torch.no_grad()
     def infer_actions(self, waveform: torch.Tensor) -> torch.Tensor:
