@@ -40,7 +40,7 @@ PROGRESS_FILE = "train_progress.json"
 
 @dataclass
 class TrainWorldConfig:
-    steps: int = 3000  # optimiser steps in total
+    steps: int = 2000  # optimiser steps in total
     batch_size: int = 16  # clips per step
     lr: float = 1e-3  # AdamW learning rate (LAM and dynamics)
     weight_decay: float = 0.0
@@ -51,8 +51,8 @@ class TrainWorldConfig:
     restart_every: int = 50  # dead-code restart period (steps) ...
     restart_until: int = 600  # ... only before this step: late restarts split NOOP and codes flip
     dead_code_threshold: float = 0.0005  # EMA usage share below which a code counts as dead
-    freeze_lam_at: int = 1500  # freeze the LAM at this step at the latest (0 = never)
-    freeze_when_settled: bool = True  # ... or earlier, once its codes stop changing (checked after restart_until)
+    freeze_lam_at: int = 500  # freeze the LAM at this step at the latest (0 = never); codes drift and split if it trains on
+    freeze_when_settled: bool = False  # ... or earlier, once its codes stop changing (checked after restart_until)
     settle_every: int = 50  # steps between code-stability checks on a fixed probe of train clips
     settle_threshold: float = 0.003  # codes count as settled when less than this share of probe steps changed code
     settle_patience: int = 3  # ... for this many checks in a row
