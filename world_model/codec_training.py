@@ -44,6 +44,7 @@ class LossConfig:
     preemphasis: float = 0.97  # y[n] = x[n] - a x[n-1] for the pre-emphasised copy of the losses (0 = off)
     preemphasis_weight: float = 1.0  # weight of that copy
     preemphasis_waveform: bool = True  # include the waveform term in the copy (it penalises noise that is not phase-exact)
+    waveform_bands: list[float] = field(default_factory=list)  # band edges (Hz): relative error per band, averaged
     commitment: float = 1.0  # weight of the VQ commitment loss
 
 
@@ -121,10 +122,27 @@ def relative_error(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (y - x).square().sum() / x.square().sum().clamp_min(1e-8)
 
 
+def band_relative_error(y: torch.Tensor, x: torch.Tensor, edges: list[float]) -> torch.Tensor:
+    """The relative error within each frequency band (split at `edges` Hz), averaged over the bands.
+
+    Every band counts as much as the loudest one, so a quiet hi-hat band is not drowned by the kick.
+    """
+    if not edges:
+        return relative_error(y, x)
+    err = torch.fft.rfft(y - x).abs().square()  # (B, 1, F)
+    ref = torch.fft.rfft(x).abs().square()
+    freqs = torch.fft.rfftfreq(x.shape[-1], 1 / SAMPLE_RATE, device=x.device)
+    bounds = [0.0, *edges, SAMPLE_RATE]
+    floor = ref.sum() * 1e-3  # a band (almost) empty in this batch must not blow up its ratio
+    ratios = [err[..., (freqs >= lo) & (freqs < hi)].sum() / (ref[..., (freqs >= lo) & (freqs < hi)].sum() + floor)
+              for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return torch.stack(ratios).mean()
+
+
 def reconstruction_loss(y: torch.Tensor, x: torch.Tensor, loss: LossConfig) -> dict[str, torch.Tensor]:
     """Waveform + spectral terms on the audio, and the same on a pre-emphasised copy."""
     terms = {
-        "waveform": relative_error(y, x),
+        "waveform": band_relative_error(y, x, loss.waveform_bands),
         "spectral": spectral_loss(y, x, loss.fft_sizes, loss.log_eps),
     }
     total = loss.waveform * terms["waveform"] + loss.spectral * terms["spectral"]
