@@ -74,7 +74,7 @@ def _tiny_overrides(codec_dir, out, steps):
         f"out={out}", f"codec.checkpoint={codec_dir}", f"train.steps={steps}", "train.batch_size=4",
         "train.train_clips=8", "train.eval_clips=4", "train.eval_every=2", "train.checkpoint_every=3",
         "train.freeze_lam_at=0", "train.restart_every=1", "train.restart_until=2", "train.warmup_steps=2",
-        "train.settle_every=1", "train.settle_threshold=1.0", "train.settle_patience=1",  # settles at step 3
+        "train.freeze_when_settled=true", "train.settle_every=1", "train.settle_threshold=1.0", "train.settle_patience=1",  # settles at step 3
         "world.clip_seconds=0.5", "model.lam.dim=16", "model.lam.heads=2", "model.dynamics.dim=16",
         "model.dynamics.layers=1", "model.dynamics.heads=2",
     ]
