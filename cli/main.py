@@ -31,7 +31,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command("melodjinn.cli.demo:demo", "Run the main job on the built-in default (shipped checkpoints, synthetic world)."),
+    "demo": Command("melodjinn.cli.demo:demo", "Steer the shipped drum world model with its discovered actions; writes WAVs, prints one JSON line."),
     "render-world": Command("melodjinn.world_model.render:render_world", "Write a synthetic world's WAV stems, mix and per-frame labels to out=DIR."),
     "train-codec": Command("melodjinn.world_model.codec_training:train_codec", "Train the tiny codec on a synthetic world; writes safetensors + config.json to out=DIR."),
     "eval-codec": Command("melodjinn.world_model.codec_eval:eval_codec", "Print one JSON line of codec metrics (SI-SNR, drum-event F1) on held-out world audio."),
@@ -39,7 +39,7 @@ COMMANDS: dict[str, Command] = {
     "train-world": Command("melodjinn.world_model.training:train_world", "Jointly train the latent action model and the multi-stream dynamics on a world (out=DIR, resume=true)."),
     "eval-world": Command("melodjinn.world_model.evaluation:eval_world", "Print one JSON line of world-model metrics (action NMI, controllability, delta PSNR, token CE)."),
     "plot-actions": Command("melodjinn.world_model.plotting:plot_actions", "Plot a held-out clip, its LAM actions and the dynamics' re-generation from them (out=FILE.png)."),
-    "bench": Command("melodjinn.cli.bench:bench", "Print benchmark figures as JSON: `melodjinn bench codec`."),
+    "bench": Command("melodjinn.cli.bench:bench", "Print benchmark figures as JSON: `melodjinn bench codec` or `melodjinn bench generation`."),
 }
 
 # Commands whose first bare word is a sub-target rather than an override (`melodjinn bench codec`).
