@@ -52,7 +52,7 @@ class LossConfig:
 class CodecRecipe:
     model: TinyCodecConfig = field(default_factory=TinyCodecConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    steps: int = 2000
+    steps: int = 1500
     warmup_steps: int = 300  # autoencoder steps before the quantizer is switched on
     kmeans_batches: int = 4  # batches of encoder outputs pooled for the k-means initialisation
     batch_size: int = 8
