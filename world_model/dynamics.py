@@ -663,12 +663,12 @@ class DynamicsSession:
             n = min(a.shape[1], Tbuf)
             self.act[:, :n] = a[:, :n]
         self.act_preset = n if actions is not None else 0  # leading entries given up front
-        self.sec_preset = 0
+        self.sec_preset = 0  # frames [0, sec_preset) of the buffer hold scheduled sections
+        self.sec_pending: Optional[Tensor] = None  # (B, n) scheduled sections past the buffer's end (open-ended)
+        self.cond_fixed = 0  # frames whose action/section are fixed
+        self.offset = 0  # frames dropped from the front by rollovers
         if sections is not None:
-            given = sections.shape[-1] if isinstance(sections, Tensor) else Tbuf
-            s = section_ids(sections, B, min(given, Tbuf), cfg.num_sections)
-            self.sec[:, : s.shape[1]] = s.to(device)
-            self.sec_preset = s.shape[1]
+            self.plan_sections(sections)
         self.style = model._check_styles(styles, B, device)
         self.guided = guidance_scale is not None
         self.scale = float(guidance_scale) if self.guided else 1.0
@@ -718,9 +718,7 @@ class DynamicsSession:
             self.logits_buf = torch.full((B, S * K * Tbuf + 2, self.V), float("nan"), device=device)
         self.hidden = None  # (B, C) the last position's output state (the conditional branch)
         self.known = self.frames = T0  # frames whose tokens were given / that are complete
-        self.offset = 0  # frames dropped from the front by rollovers
         self.positions = 0  # positions run (= inputs in the cache)
-        self.cond_fixed = 0  # frames whose action/section are fixed
         self._prefill()
 
     # ---- public state ---------------------------------------------------------------------------------------
@@ -760,6 +758,32 @@ class DynamicsSession:
     def absolute_frames(self) -> int:
         """Complete frames since the session started, prompt included (rollovers do not reset it)."""
         return self.offset + self.frames
+
+    # ---- structure ------------------------------------------------------------------------------------------
+
+    def plan_sections(self, plan: Any) -> None:
+        """Schedule the song's form from `next_frame` on: a plan [(section, frames), ...] (names or ids), per-frame
+        ids (B, n) / (n,), or one section (name or id) from now on. The last planned section runs on after the plan;
+        a step's `sections` overrides the frames that step starts only; a new plan replaces the whole schedule.
+        An open-ended session keeps the part of a plan that runs past its buffer and applies it after rollovers,
+        so a whole song's plan can be given to a session whose window is shorter than the song."""
+        if isinstance(plan, Tensor):
+            n = plan.shape[-1]
+        elif isinstance(plan, (str, int)):
+            n = 1
+        else:
+            try:
+                n = sum(int(frames) for _, frames in plan)
+            except (TypeError, ValueError):
+                raise DynamicsError(f"a section plan is a list of (section, frames) pairs, got {plan!r}") from None
+        start = self.cond_fixed
+        room = self.Tbuf - start
+        # the last planned section runs on to the buffer's end (a step's `sections` may still override frames)
+        ids = section_ids(plan, self.B, max(n, room), self.model.cfg.num_sections).to(self.sec.device)
+        self.sec[:, start:] = ids[:, :room]
+        self.sec_preset = self.Tbuf
+        # frames past a bounded session's end are never generated; an open-ended one keeps them for later
+        self.sec_pending = ids[:, room:] if ids.shape[1] > room and not self.bounded else None
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
@@ -946,6 +970,11 @@ class DynamicsSession:
             grid[..., W:, :] = float("nan")
         self.cond_fixed -= shift
         self.act_preset, self.sec_preset = max(self.act_preset - shift, 0), max(self.sec_preset - shift, 0)
+        if self.sec_pending is not None and self.sec_preset == Tb - shift:  # a plan longer than the buffer goes on
+            n = min(shift, self.sec_pending.shape[1])
+            self.sec[:, self.sec_preset : self.sec_preset + n] = self.sec_pending[:, :n]
+            self.sec_preset += n
+            self.sec_pending = self.sec_pending[:, n:] if self.sec_pending.shape[1] > n else None
         self._write_cond_rows(0, self.cond_fixed)
         self.offset += shift
         self.known = self.frames = W

@@ -8,13 +8,15 @@
   always generates silence scores only on the NOOP action;
 - delta_psnr: Genie's measure — PSNR of the continuation generated with the clip's own LAM actions minus with
   random actions (positive = the actions carry what happens next);
-- token_ce: held-out teacher-forced cross-entropy of the dynamics given the LAM's actions.
+- token_ce: held-out teacher-forced cross-entropy of the dynamics given the LAM's actions (and per stream);
+- on the song world, per-section statistics of generated songs against the truth and cross-stream coupling of
+  single-pass vs independently generated stems (`song_eval.py`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from melodjinn.world_model.errors import ConfigError
 from melodjinn.world_model.events import DrumHitDetector
 from melodjinn.world_model.metrics import contingency, normalized_mutual_info, psnr_db, purity
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
+from melodjinn.world_model.song_eval import SongEvalConfig, evaluate_songs
 from melodjinn.world_model.training import action_targets
 from melodjinn.world_model.world_data import WorldTensors, build_world_tensors
 from melodjinn.world_model.world_model import WorldModel
@@ -42,6 +45,7 @@ class EvalWorldConfig:
     psnr_clips: int = 16  # delta_psnr: clips continued with LAM vs random actions
     psnr_frames: int = 60  # frames generated for delta_psnr
     temperature: float = 0.0  # sampling temperature for evaluation (0 = greedy, deterministic)
+    songs: SongEvalConfig = field(default_factory=SongEvalConfig)  # song world only: sections and coupling
 
 
 @torch.no_grad()
@@ -175,6 +179,8 @@ def evaluate(model: WorldModel, world_cfg, cfg: EvalWorldConfig, device="cpu") -
     }
     if world_cfg["name"] == "drums":
         result.update(controllability(model, world, meanings, cfg, device))
+    elif world_cfg["name"] == "songs":
+        result.update(evaluate_songs(model, world_cfg, cfg.songs, cfg.eval_seed, device))
     result.update(delta_psnr(model, data, actions, sorted(meanings), cfg, device))
     return result
 
