@@ -374,6 +374,28 @@ def test_session_sections_and_styles():
         section_ids([("coda", 2)], 1, 4)
 
 
+def test_a_whole_song_plan_outlives_the_session_window():
+    """An open-ended session whose buffer is shorter than the song still follows the song's plan after rollovers,
+    and a new plan given mid-session replaces the rest of the schedule from `next_frame` on."""
+    model = make("multistream", 2)
+    tokens, _, _ = data(1, 2, 4)
+    plan = [("intro", 10), ("verse", 12), ("chorus", 9), ("bridge", 7), ("outro", 6)]  # 44 frames
+    session = model.new_session(tokens, sections=plan, max_frames=16, context_frames=8, temperature=0)
+    seen = {}
+    for _ in range(40):
+        session.step()
+        for i, s in enumerate(session.sections[0].tolist()):
+            seen[session.offset + i] = s
+    assert session.offset > 0  # rolled over, several times
+    expected = section_ids(plan, 1, 44)[0].tolist()
+    assert [seen[f] for f in range(44)] == expected
+    session.plan_sections([("chorus", 3), ("bridge", 2)])
+    start = session.offset + session.next_frame
+    session.step(num_frames=8)
+    newest = {session.offset + i: s for i, s in enumerate(session.sections[0].tolist())}
+    assert [newest[f] for f in range(start, start + 6)] == [2, 2, 2, 3, 3, 3]  # the last planned section runs on
+
+
 # ---- growing the model ----------------------------------------------------------------------------------------------------
 
 

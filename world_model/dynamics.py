@@ -761,6 +761,7 @@ class DynamicsSession:
 
     # ---- structure ------------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def plan_sections(self, plan: Any) -> None:
         """Schedule the song's form from `next_frame` on: a plan [(section, frames), ...] (names or ids), per-frame
         ids (B, n) / (n,), or one section (name or id) from now on. The last planned section runs on after the plan;

@@ -27,7 +27,7 @@ from melodjinn.world_model.events import DrumHitDetector
 from melodjinn.world_model.metrics import contingency, normalized_mutual_info, psnr_db, purity
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
 from melodjinn.world_model.song_eval import SongEvalConfig, evaluate_songs
-from melodjinn.world_model.training import action_targets
+from melodjinn.world_model.training import action_targets, heldout_token_ce
 from melodjinn.world_model.world_data import WorldTensors, build_world_tensors
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import FRAME_RATE, HOP, make_world
@@ -162,19 +162,12 @@ def evaluate(model: WorldModel, world_cfg, cfg: EvalWorldConfig, device="cpu") -
     actions = lam_actions(model, data, device)  # (N, J)
     labels = action_targets(data.events, model.stride, actions.shape[1])
     meanings = action_meanings(actions, labels, model.num_actions, cfg.min_action_share)
-    T = data.tokens.shape[-1]
-    ces = []
-    for i in range(0, len(data), 32):
-        tokens = data.tokens[i : i + 32].to(device)
-        frame_actions = model.frame_actions(torch.from_numpy(actions[i : i + 32]).to(device), T)
-        _, ce = model.dynamics(tokens, frame_actions, data.sections[i : i + 32].to(device), targets=tokens)
-        ces.append(float(ce) * len(tokens))
     result = {
         "action_nmi": normalized_mutual_info(actions, labels),
         "action_purity": purity(actions, labels),
         "actions_used": len(meanings),
         "actions_per_second": FRAME_RATE / model.stride,
-        "token_ce": sum(ces) / len(data),
+        **heldout_token_ce(model, data, torch.from_numpy(actions), device),
         "action_table": contingency(actions, labels).tolist(),
     }
     if world_cfg["name"] == "drums":

@@ -9,6 +9,10 @@ Read top to bottom:
   4. every `eval_every` steps: held-out action NMI and token cross-entropy (TensorBoard + progress bar);
      every `checkpoint_every` steps: an atomic checkpoint with the optimiser and RNG state, so `resume=true`
      continues a killed run to the same result as an uninterrupted one.
+
+Growing a model: `init=DIR add_streams=[lead]` starts from the trained model in DIR (its LAM frozen as it is, its
+codec, its dynamics with the new streams' embeddings and heads added) instead of a fresh one, and trains on a
+world whose stems are DIR's streams followed by the new ones; `model.*` and `codec` are then taken from DIR.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -63,6 +68,7 @@ class TrainWorldConfig:
     eval_seed: int = 1000  # the held-out split's seed; never used for training
     eval_every: int = 250  # held-out NMI / cross-entropy period (steps)
     checkpoint_every: int = 500  # atomic checkpoint period (steps)
+    new_streams_only: bool = False  # with init= and add_streams=: train only the added streams' embeddings and heads
 
 
 def _lr_at(step: int, cfg: TrainWorldConfig) -> float:
@@ -100,15 +106,24 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         seed_everything(int(cfg.seed))  # model init and the first steps' randomness are the seed's, not the caller's
-        codec = load_codec(cfg.codec, device=self.device)
         world_cfg = OmegaConf.to_container(cfg.world, resolve=True)
-        lam_cfg = to_dataclass(LAMConfig, cfg.model.lam, "model.lam")
         self.world = make_world(cfg.world, seed=int(cfg.seed))
-        dyn = OmegaConf.to_container(cfg.model.dynamics, resolve=True)
-        dyn.update(streams=list(self.world.stem_names), num_codebooks=codec.num_codebooks,
-                   codebook_size=codec.codebook_size, num_actions=lam_cfg.num_actions)
-        dyn_cfg = to_dataclass(DynamicsConfig, dyn, "model.dynamics")
-        self.model = WorldModel(lam_cfg, dyn_cfg, codec, world=world_cfg).to(self.device)
+        self.init = cfg.get("init")
+        if self.init:
+            self.model = _grown_model(self.init, list(cfg.get("add_streams") or []), self.world, world_cfg, self.device)
+            codec = self.model.codec
+            if self.train_cfg.new_streams_only:
+                self.model.dynamics.freeze_backbone(list(cfg.add_streams))
+        else:
+            if cfg.get("add_streams"):
+                raise ConfigError("add_streams needs init=DIR: the trained model to grow")
+            codec = load_codec(cfg.codec, device=self.device)
+            lam_cfg = to_dataclass(LAMConfig, cfg.model.lam, "model.lam")
+            dyn = OmegaConf.to_container(cfg.model.dynamics, resolve=True)
+            dyn.update(streams=list(self.world.stem_names), num_codebooks=codec.num_codebooks,
+                       codebook_size=codec.codebook_size, num_actions=lam_cfg.num_actions)
+            dyn_cfg = to_dataclass(DynamicsConfig, dyn, "model.dynamics")
+            self.model = WorldModel(lam_cfg, dyn_cfg, codec, world=world_cfg).to(self.device)
         t = self.train_cfg
         self.train_data = cached_world_tensors(self.world, codec, t.train_clips, self.out / "cache", world_cfg)
         held_world = make_world(cfg.world, seed=t.eval_seed)
@@ -119,7 +134,7 @@ class Trainer:
         self.frozen_actions: torch.Tensor | None = None  # (N, T) per-frame actions once the LAM is frozen
         self.history: list[dict] = []
         self.merges: list[tuple[int, int]] = []
-        self.frozen_at: int | None = None  # step at which the codes settled and the LAM was frozen early
+        self.frozen_at: int | None = 0 if self.init else None  # step at which the LAM froze early (a grown model's from the start)
         self.last_probe: torch.Tensor | None = None
         self.settled_checks = 0
 
@@ -188,7 +203,7 @@ class Trainer:
         lam = self.model.lam.eval()
         for p in lam.parameters():
             p.requires_grad_(False)
-        if self.train_cfg.merge_tolerance > 0:
+        if self.train_cfg.merge_tolerance > 0 and not self.init:  # a grown model's LAM was merged when it froze
             probe = self.train_data.mix[: self.train_cfg.merge_clips].to(self.device)
             self.merges += lam.merge_redundant_codes(probe, self.train_cfg.merge_tolerance)
         chunks = [lam.infer_actions(self.train_data.mix[i : i + 64].to(self.device)) for i in range(0, len(self.train_data), 64)]
@@ -241,16 +256,42 @@ class Trainer:
         model.dynamics.eval()
         actions = torch.cat([model.infer_actions(data.mix[i : i + 64].to(self.device)) for i in range(0, len(data), 64)]).cpu()
         events = action_targets(data.events, model.stride, actions.shape[1])
-        T = data.tokens.shape[-1]
-        ces = []
-        for i in range(0, len(data), 32):
-            tokens = data.tokens[i : i + 32].to(self.device)
-            _, ce = model.dynamics(tokens, model.frame_actions(actions[i : i + 32].to(self.device), T), data.sections[i : i + 32].to(self.device), targets=tokens)
-            ces.append(float(ce) * len(tokens))
+        ce = heldout_token_ce(model, data, actions, self.device)
         model.lam.train(lam_mode)
         model.dynamics.train(dyn_mode)
-        return {"action_nmi": normalized_mutual_info(actions.numpy(), events), "token_ce": sum(ces) / len(data),
+        return {"action_nmi": normalized_mutual_info(actions.numpy(), events), **ce,
                 **codebook_stats(actions, model.num_actions)}
+
+
+@torch.no_grad()
+def heldout_token_ce(model: WorldModel, data: WorldTensors, actions: torch.Tensor, device, batch: int = 32) -> dict[str, float]:
+    """Teacher-forced token cross-entropy (nats) given LAM actions (N, J): `token_ce` over every stream and
+    `token_ce_<stream>` per stream."""
+    T = data.tokens.shape[-1]
+    names = model.stream_names
+    sums = torch.zeros(len(names))
+    for i in range(0, len(data), batch):
+        tokens = data.tokens[i : i + batch].to(device)
+        logits, _ = model.dynamics(tokens, model.frame_actions(actions[i : i + batch].to(device), T),
+                                   data.sections[i : i + batch].to(device))  # (B, S, K, T, V)
+        ce = F.cross_entropy(logits.movedim(-1, 1), tokens, reduction="none")  # (B, S, K, T)
+        sums += ce.transpose(0, 1).reshape(len(names), -1).sum(1).cpu()
+    per_stream = sums / (len(data) * data.tokens.shape[2] * T)
+    return {"token_ce": float(per_stream.mean()), **{f"token_ce_{n}": float(v) for n, v in zip(names, per_stream)}}
+
+
+def _grown_model(init: str, add_streams: list[str], world, world_cfg: dict, device) -> WorldModel:
+    """The trained world model in `init` with `add_streams` added (new embeddings and heads, backbone and LAM
+    kept), checked against the world it will train on: its stems must be the model's streams, then the new ones."""
+    model = WorldModel.load(init, device=device)
+    expected = model.stream_names + add_streams
+    if list(world.stem_names) != expected:
+        raise ConfigError(f"init={init} has streams {model.stream_names} and add_streams={add_streams}: the world must "
+                          f"give stems {expected} in that order (e.g. world.stems=[{','.join(expected)}])")
+    for name in add_streams:
+        model.dynamics.add_stream(name)
+    model.world = world_cfg
+    return model.to(device)
 
 
 def action_targets(events: torch.Tensor, stride: int, num_actions_steps: int) -> np.ndarray:
@@ -306,6 +347,6 @@ def train_world(cfg: DictConfig) -> dict:
     bar.close()
     writer.close()
     summary = {"out": str(out), "steps": trainer.step, "seconds": round(time.time() - start, 1),
-               "lam_frozen_at": trainer.frozen_at or t.freeze_lam_at, "merged_codes": trainer.merges, **metrics}
+               "lam_frozen_at": t.freeze_lam_at if trainer.frozen_at is None else trainer.frozen_at, "merged_codes": trainer.merges, **metrics}
     print(json.dumps(summary))
     return summary
