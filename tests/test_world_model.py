@@ -121,3 +121,26 @@ def test_checkpoint_mismatch_is_named(untrained_codec, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="missing"):
         WorldModel.load(tmp_path)
+
+
+def _song_overrides(codec_dir, out, steps, stems):
+    return [o for o in _tiny_overrides(codec_dir, out, steps) if not o.startswith("world.")] + [
+        "world=songs", "world.clip_seconds=0.5", f"world.stems=[{','.join(stems)}]", "train.freeze_when_settled=false"]
+
+
+def test_add_stream_grows_a_trained_model_and_fine_tunes_only_the_new_stream(untrained_codec, tmp_path):
+    base_dir, grown_dir = tmp_path / "drums", tmp_path / "grown"
+    train_world(compose("train-world", _song_overrides(untrained_codec, base_dir, 3, ["drums"])))
+    summary = train_world(compose("train-world", _song_overrides(untrained_codec, grown_dir, 3, ["drums", "lead"]) + [
+        f"init={base_dir}", "add_streams=[lead]", "train.new_streams_only=true"]))
+    base, grown = WorldModel.load(base_dir), WorldModel.load(grown_dir)
+    assert grown.stream_names == ["drums", "lead"] and "token_ce_lead" in summary and "token_ce_drums" in summary
+    new_state, old_state = grown.state_dict(), base.state_dict()
+    for name, tensor in old_state.items():  # backbone, LAM and the drum stream kept exactly
+        assert torch.equal(new_state[name], tensor), name
+    assert new_state["dynamics.streams.lead.embed"].abs().sum() > 0  # zero-initialised, then trained
+    with pytest.raises(ConfigError, match=r"world.stems=\[drums,lead\]"):
+        train_world(compose("train-world", _song_overrides(untrained_codec, tmp_path / "bad", 3, ["lead", "drums"]) + [
+            f"init={base_dir}", "add_streams=[lead]"]))
+    with pytest.raises(ConfigError, match="init"):
+        train_world(compose("train-world", _song_overrides(untrained_codec, tmp_path / "bad2", 3, ["drums"]) + ["add_streams=[lead]"]))

@@ -70,7 +70,11 @@ def controllability(model: WorldModel, world, meanings: dict[int, int], cfg: Eva
     """Inject each used action after a held-out context; detect which drum starts at the injection frame."""
     detector = DrumHitDetector.for_world(world)
     noop = next((a for a, label in meanings.items() if label == 0), model.null_action)
-    P, G = cfg.context_frames, cfg.continuation_frames
+    # coarse actions (stride s) explain a whole patch: inject for the s frames of a patch-aligned one, look for the
+    # hit anywhere in it (plus the tolerance)
+    s = model.stride
+    P = max(s, cfg.context_frames // s * s)
+    G = max(cfg.continuation_frames, s + cfg.tolerance_frames + 1)
     held = _quiet_contexts(world, model.codec, cfg.contexts_per_action, P)
     prompt = held.tokens[:, :, :, :P].to(device)  # (C, S, K, P)
     prompt_actions = model.frame_actions(model.infer_actions(held.mix[:, : P * HOP].to(device)), P)
@@ -78,7 +82,7 @@ def controllability(model: WorldModel, world, meanings: dict[int, int], cfg: Eva
     for action, meaning in sorted(meanings.items()):
         actions = torch.full((len(prompt), P + G), noop, dtype=torch.long, device=device)
         actions[:, :P] = prompt_actions
-        actions[:, P - 1] = action  # a[P-1] is the transition into frame P: the injected event starts at P
+        actions[:, P - 1 : P - 1 + s] = action  # a[P-1] is the transition into frame P: the injected event starts at P
         gen = torch.Generator(device="cpu").manual_seed(action)
         out = model.generate(prompt, G, actions, held.sections[:, : P + G].to(device), temperature=cfg.temperature,
                              generator=gen, decode=True)
@@ -86,10 +90,10 @@ def controllability(model: WorldModel, world, meanings: dict[int, int], cfg: Eva
         detected = detector.detect(audio)  # (C, T)
         hits, on_time = 0, 0
         for row in detected:
-            window = row[P : P + cfg.tolerance_frames + 1]  # the action can cause nothing before frame P
+            window = row[P : P + s + cfg.tolerance_frames]  # the action can cause nothing before frame P
             found = int(next((e for e in window if e > 0), 0))
             hits += found == meaning
-            on_time += int(row[P]) == meaning
+            on_time += int(next((e for e in row[P : P + s] if e > 0), 0)) == meaning
         results[action] = hits / len(detected)
         exact[action] = on_time / len(detected)
     return {

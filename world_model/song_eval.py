@@ -258,6 +258,13 @@ def section_correlation(generated: dict, truth: dict, stem_names: Sequence[str])
     return out
 
 
+def _rounded_correlation(r: dict) -> dict:
+    """`section_correlation` output for the JSON line: rounded, NaN (too few sections) as null."""
+    return {stat: _rounded(v) for stat, v in r.items()}
+
+
+
+
 def _pearson(a: Sequence[float], b: Sequence[float]) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) < 3 or a.std() == 0 or b.std() == 0:
@@ -345,8 +352,9 @@ def evaluate_songs(model, world_cfg: dict, cfg: SongEvalConfig, eval_seed: int, 
                   "actions": "null", "temperature": cfg.song_temperature},
         "detector_f1": f1,
         "section_table": _table(joint_stats["sections"], truth["sections"], stems),
-        "section_correlation": section_correlation(joint_stats["sections"], truth["sections"], stems),
-        "section_correlation_independent": section_correlation(indep_stats["sections"], truth["sections"], stems),
+        "section_correlation": _rounded_correlation(section_correlation(joint_stats["sections"], truth["sections"], stems)),
+        "section_correlation_independent": _rounded_correlation(
+            section_correlation(indep_stats["sections"], truth["sections"], stems)),
         "coupling": {
             "truth_labels": _rounded(true_labels["coupling"]),
             "truth": _rounded(truth["coupling"]),
