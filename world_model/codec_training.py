@@ -352,12 +352,13 @@ def train_codec(cfg: DictConfig) -> dict[str, Any]:
                 metrics = evaluate_codec(model, heldout) | {"step": done_steps}
                 model.train()
                 for key in ("si_snr_db", "event_f1", "event_f1_original", "codebook_usage"):
-                    if key in metrics:
+                    if metrics.get(key) is not None:  # event F1 is None on worlds without a drum kit (songs)
                         writer.add_scalar(f"eval/{key}", metrics[key], done_steps)
                 for name, value in (metrics.get("event_f1_by_drum") or {}).items():
                     writer.add_scalar(f"eval/event_f1_{name}", value, done_steps)
                 by_drum = " ".join(f"{k} {v:.2f}" for k, v in (metrics.get("event_f1_by_drum") or {}).items())
-                bar.write(f"step {done_steps}: si_snr {metrics['si_snr_db']:.2f} dB, event F1 {metrics['event_f1']:.3f} ({by_drum})")
+                f1 = "n/a" if metrics.get("event_f1") is None else f"{metrics['event_f1']:.3f}"
+                bar.write(f"step {done_steps}: si_snr {metrics['si_snr_db']:.2f} dB, event F1 {f1} ({by_drum})")
         if done_steps % recipe.checkpoint_every == 0 or done_steps == recipe.steps:
             save(done_steps, done=done_steps == recipe.steps)
     bar.close()
