@@ -346,3 +346,21 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
         assert torch.equal(once[key], twice[key]), key
     with pytest.raises(CheckpointError, match="train.lr"):
         run("train-codec", f"out={tmp_path / 'once'}", "train.lr=0.5", *small)
+
+
+def test_stem_crops_cover_every_stem_at_a_common_level():
+    """source=stems: the codec trains on what a multi-stream world model encodes — single stems, quiet ones
+    (the lead) brought to the same level as loud ones (the drums)."""
+    from melodjinn.world_model.codec_training import CodecRecipe, training_batch
+    from melodjinn.world_model.song_world import SongWorld, SongWorldConfig
+
+    world = SongWorld(SongWorldConfig(clip_seconds=2.0, song_seconds=24.0))
+    recipe = CodecRecipe(batch_size=6, source="stems").validate()
+    batch = training_batch(world, 0, recipe, seed=0)[:, 0].numpy()  # (6, crop)
+    rms = np.sqrt((batch.astype(np.float64) ** 2).mean(-1))
+    sounding = rms > 1e-3
+    assert sounding.sum() >= 4 and np.allclose(rms[sounding], 0.1, rtol=0.05), rms
+    mixes = training_batch(world, 0, CodecRecipe(batch_size=6).validate(), seed=0)[:, 0].numpy()
+    assert not np.allclose(batch, mixes)
+    with pytest.raises(ConfigError, match="source"):
+        CodecRecipe(source="stem").validate()

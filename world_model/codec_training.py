@@ -62,6 +62,8 @@ class CodecRecipe:
     lr_final_fraction: float = 0.1  # cosine decay from lr to lr * this at the last step
     grad_clip: float = 1.0
     quantizer_dropout: float = 0.5  # probability that a quantised step uses only the first n ~ U{1..K} codebooks
+    source: str = "mix"  # mix | stems: crops of the mixture, or of one stem per clip (what a multi-stream world model encodes)
+    stem_rms: float = 0.1  # source=stems: each stem crop scaled to this RMS (gain at most 8), so quiet stems weigh as much
     eval_seed: int = 1000  # held-out world seed for the periodic evaluation (must differ from `seed`)
     eval_clips: int = 16
     eval_every: int = 250
@@ -69,6 +71,8 @@ class CodecRecipe:
     log_every: int = 10
 
     def validate(self) -> "CodecRecipe":
+        if self.source not in ("mix", "stems"):
+            raise ConfigError(f"train.source={self.source!r}: choose mix or stems")
         if self.steps < 1 or not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"train.steps={self.steps}, train.warmup_steps={self.warmup_steps}: need 0 <= warmup_steps < steps")
         if self.batch_size < 1 or self.crop_seconds * SAMPLE_RATE < HOP:
@@ -163,16 +167,23 @@ def reconstruction_loss(y: torch.Tensor, x: torch.Tensor, loss: LossConfig) -> d
 
 
 def training_batch(world: Any, step: int, recipe: CodecRecipe, seed: int) -> torch.Tensor:
-    """(B, 1, crop) mixture crops of clips step*B .. step*B + B - 1: a pure function of (world, step, seed)."""
+    """(B, 1, crop) crops of clips step*B .. step*B + B - 1 (mixture, or stem i mod S of clip i): a pure function
+    of (world, step, seed)."""
     crop = int(recipe.crop_seconds * SAMPLE_RATE)
     rng = np.random.default_rng([seed, step, 7])
     rows = []
     for b in range(recipe.batch_size):
-        mix = world.clip(step * recipe.batch_size + b).mix  # (N,)
+        index = step * recipe.batch_size + b
+        clip = world.clip(index)
+        mix = clip.mix if recipe.source == "mix" else clip.stems[index % clip.stems.shape[0]]  # (N,)
         if len(mix) < crop:
             mix = np.pad(mix, (0, crop - len(mix)))
         start = int(rng.integers(0, (len(mix) - crop) // HOP + 1)) * HOP
-        rows.append(mix[start : start + crop])
+        row = mix[start : start + crop]
+        if recipe.source == "stems":
+            rms = float(np.sqrt(np.mean(row.astype(np.float64) ** 2)))
+            row = row * min(recipe.stem_rms / max(rms, 1e-9), 8.0)
+        rows.append(row.astype(np.float32))
     return torch.from_numpy(np.stack(rows))[:, None]  # (B, 1, crop)
 
 
