@@ -139,6 +139,13 @@ def test_add_stream_grows_a_trained_model_and_fine_tunes_only_the_new_stream(unt
     for name, tensor in old_state.items():  # backbone, LAM and the drum stream kept exactly
         assert torch.equal(new_state[name], tensor), name
     assert new_state["dynamics.streams.lead.embed"].abs().sum() > 0  # zero-initialised, then trained
+    # the song-world block of eval-world runs on it: whole songs past the 0.5 s training window (rollovers)
+    from melodjinn.world_model.song_eval import SongEvalConfig, evaluate_songs
+
+    songs = evaluate_songs(grown, grown.world, SongEvalConfig(song_clips=2, song_seconds=3.0, song_prompt_frames=16), 1000)
+    assert songs["songs"]["window_frames"] == 37 and set(songs["detector_f1"]) == {"drums", "lead"}
+    assert all(set(row) == {"drums", "lead"} for row in songs["section_table"].values())
+    assert songs["coupling"]["truth_labels"]["lead_on_beat"] > 0.5  # the world's lead starts on beats
     with pytest.raises(ConfigError, match=r"world.stems=\[drums,lead\]"):
         train_world(compose("train-world", _song_overrides(untrained_codec, tmp_path / "bad", 3, ["lead", "drums"]) + [
             f"init={base_dir}", "add_streams=[lead]"]))
