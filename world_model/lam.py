@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from melodjinn.world_model.distributed import all_reduce_sum_
 from melodjinn.world_model.transformer import Transformer, TransformerConfig
 
 TARGETS = ("waveform", "normalized", "logmel")
@@ -63,6 +64,10 @@ class ActionQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor):
         # z: (B, T, D) → quantised (B, T, D), codes (B, T), vq loss
+        with torch.autocast(z.device.type, enabled=False):  # nearest-code search in fp32: bf16 ties flip codes
+            return self._quantise(z.float())
+
+    def _quantise(self, z: torch.Tensor):
         codebook = self.codebook
         if self.normalize:  # compare directions only, so a quiet hit is as far from silence as a loud one
             z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
@@ -72,8 +77,9 @@ class ActionQuantizer(nn.Module):
         quantised = codebook[codes].view_as(z)
         loss = F.mse_loss(quantised, z.detach()) + self.commitment * F.mse_loss(z, quantised.detach())
         if self.training:
-            share = torch.bincount(codes, minlength=self.codebook.shape[0]).float() / codes.numel()
-            self.usage.mul_(0.99).add_(0.01 * share)
+            # usage over the global batch (summed over processes), so every replica's EMA stays the same
+            counts = all_reduce_sum_(torch.bincount(codes, minlength=self.codebook.shape[0]).float())
+            self.usage.mul_(0.99).add_(0.01 * (counts / counts.sum()))
         quantised = z + (quantised - z).detach()
         return quantised, codes.view(z.shape[:-1]), loss
 
@@ -155,18 +161,23 @@ class LatentActionModel(nn.Module):
             raise ValueError(f"need at least 2 patches of {self.patch} samples for one action, got {waveform.shape[-1]} samples")
         quantised, actions, vq_loss, z = self.encode(patches)
         h = self.decoder(self.decoder_in(patches[:, :-1]) + self.action_in(quantised))  # (B, T-1, C)
-        prediction = self.decoder_out(h)
+        prediction = self.decoder_out(h).float()  # losses in fp32 under autocast (waveform errors are ~1e-3)
         target = self.target(patches[:, 1:])
         per_step = self._distance(prediction, target)  # (B, T-1)
         if self.cfg.preemphasis and self.cfg.target != "logmel":
             # raw MSE is dominated by low-frequency energy (a kick's body); the emphasised copy weighs highs too
             c = self.cfg.preemphasis
             per_step = per_step + self._distance(prediction[..., 1:] - c * prediction[..., :-1], target[..., 1:] - c * target[..., :-1])
-        energy = patches.pow(2).mean(-1).add(1e-4).log()  # (B, T)
-        weight = 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
+        weight = self.step_weights(patches)
         recon = (weight * per_step).sum() / weight.sum()
         return {"actions": actions, "recon_loss": recon, "vq_loss": vq_loss, "z": z, "prediction": prediction,
                 "step_error": (weight * per_step).detach()}
+
+    def step_weights(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, T, P) patches → (B, T-1) reconstruction weights 1 + onset_weight · (log-energy rise t → t+1).
+        The reconstruction loss is their weighted mean; distributed training normalises by the global batch's sum."""
+        energy = patches.pow(2).mean(-1).add(1e-4).log()  # (B, T)
+        return 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
 
     def _distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # (B, T, P) × 2 → (B, T) mean squared error, or with gain_invariant the error left after the best
@@ -189,8 +200,7 @@ class LatentActionModel(nn.Module):
         _, actions, _, z = self.encode(patches)  # actions (B, T-1)
         context = self.decoder_in(patches[:, :-1])
         target = self.target(patches[:, 1:])
-        energy = patches.pow(2).mean(-1).add(1e-4).log()
-        weight = 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
+        weight = self.step_weights(patches)
 
         def step_loss(codes: torch.Tensor) -> torch.Tensor:
             quantised = self.quantizer.codebook[codes]
