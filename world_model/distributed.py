@@ -19,6 +19,7 @@ storage every node sees (all ranks read the checkpoint when resuming; rank 0 wri
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -163,7 +164,10 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
     if not ctx.distributed:
         return module
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    # torch >= 2.13 renamed the switch; either way buffers still agree at wrap time (they are the same everywhere)
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=device_ids, **no_buffer_sync)
 
 
 def gradient_sync(module: nn.Module, sync: bool):
