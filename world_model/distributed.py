@@ -198,5 +198,5 @@ def check_replicas_in_sync(module: nn.Module, ctx: DistContext) -> None:
     dist.all_gather_object(per_rank, tensor_digests(module.state_dict()))
     names = drifted(per_rank)
     if names:
-        raise CheckpointError(f"ranks hold different weights for {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; "
+        raise CheckpointError(f"ranks hold different parameters or buffers: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; "
                               "this is a bug in the distributed training path, please report it")
