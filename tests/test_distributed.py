@@ -141,12 +141,13 @@ def _kill_between_checkpoints(process, out: Path) -> int:
 def test_killed_two_process_run_resumes_on_two_or_one_processes(codec_dir, tmp_path):
     # a constant learning rate after warm-up, so runs of different lengths share their first steps
     fixed = {"train.min_lr_ratio": 1.0, "train.freeze_lam_at": 0}
-    killed = _torchrun(_overrides(codec_dir, tmp_path / "killed", 400, **fixed))
+    # the 2-process runs also accumulate 2 micro-batches of 1 clip per process (DDP syncs on the last one only)
+    killed = _torchrun(_overrides(codec_dir, tmp_path / "killed", 400, **fixed, **{"train.grad_accum": 2}))
     step = _kill_between_checkpoints(killed, tmp_path / "killed")
     assert step < 400 and step % 3 == 0
     shutil.copytree(tmp_path / "killed", tmp_path / "resumed-on-one")
     end = step + 3
-    output = _finish(_torchrun(_overrides(codec_dir, tmp_path / "killed", end, **fixed) + ["resume=true"]))
+    output = _finish(_torchrun(_overrides(codec_dir, tmp_path / "killed", end, **fixed, **{"train.grad_accum": 2}) + ["resume=true"]))
     assert f"resuming {tmp_path / 'killed'} from step {step}" in output
     train_world(compose("train-world", _overrides(codec_dir, tmp_path / "resumed-on-one", end, **fixed) + ["resume=true"]))
     train_world(compose("train-world", _overrides(codec_dir, tmp_path / "straight", end, **fixed)))

@@ -17,6 +17,7 @@ better target than log-magnitude on drums.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,25 @@ class ActionQuantizer(nn.Module):
         self.register_buffer("usage", torch.full((num_codes,), 1.0 / num_codes))  # EMA share of steps per code
         # code → the code it stands for; identity until redundant codes are merged (`merge_redundant_codes`)
         self.register_buffer("code_map", torch.arange(num_codes))
+        self._pooled_counts: torch.Tensor | None = None  # set inside `one_usage_update`
+
+    def _update_usage(self, counts: torch.Tensor) -> None:
+        # usage over the global batch (counts summed over processes), so every replica's EMA stays the same
+        counts = all_reduce_sum_(counts)
+        self.usage.mul_(0.99).add_(0.01 * (counts / counts.sum()))
+
+    @contextmanager
+    def one_usage_update(self):
+        """Forward passes inside the block pool their code counts and the usage EMA takes one step at its end:
+        the micro-batches of an accumulated training step then count as the one batch they stand for."""
+        self._pooled_counts = torch.zeros_like(self.usage)
+        try:
+            yield
+            counts = self._pooled_counts
+        finally:
+            self._pooled_counts = None
+        if counts.sum() > 0:
+            self._update_usage(counts)
 
     def forward(self, z: torch.Tensor):
         # z: (B, T, D) → quantised (B, T, D), codes (B, T), vq loss
@@ -77,9 +97,11 @@ class ActionQuantizer(nn.Module):
         quantised = codebook[codes].view_as(z)
         loss = F.mse_loss(quantised, z.detach()) + self.commitment * F.mse_loss(z, quantised.detach())
         if self.training:
-            # usage over the global batch (summed over processes), so every replica's EMA stays the same
-            counts = all_reduce_sum_(torch.bincount(codes, minlength=self.codebook.shape[0]).float())
-            self.usage.mul_(0.99).add_(0.01 * (counts / counts.sum()))
+            counts = torch.bincount(codes, minlength=self.codebook.shape[0]).float()
+            if self._pooled_counts is not None:
+                self._pooled_counts += counts
+            else:
+                self._update_usage(counts)
         quantised = z + (quantised - z).detach()
         return quantised, codes.view(z.shape[:-1]), loss
 

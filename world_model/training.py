@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -271,25 +272,27 @@ class Trainer:
         weights = lam.step_weights(lam.patches(batch.mix)) if frozen_actions is None else None  # (B, J) global
         sums: dict[str, torch.Tensor] = defaultdict(float)
         gathered: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for m in range(t.grad_accum):
-            part = slice(m * micro, (m + 1) * micro)  # rows of the shard
-            glob = slice(rows.start + m * micro, rows.start + (m + 1) * micro)  # the same rows in the global batch
-            masks = [None if x is None else x[glob].to(device) for x in noise]
-            actions = None if frozen_actions is None else frozen_actions[glob].to(device)
-            with gradient_sync(module, sync=m == t.grad_accum - 1):
-                with autocast(device, self.amp_dtype):
-                    out = module(shard.mix[part], shard.tokens[part], shard.sections[part], *masks, actions)
-                loss = out["dynamics_ce"] / t.grad_accum
-                sums["dynamics_ce"] += loss.detach()
-                if frozen_actions is None:
-                    recon_share = float(weights[glob].sum() / weights.sum()) * self.dist.world_size
-                    recon, vq = out["recon_loss"] * recon_share, out["vq_loss"] / t.grad_accum
-                    loss = loss + t.recon_scale * recon + vq
-                    sums["recon"] += recon.detach()
-                    sums["vq"] += vq.detach()
-                    for key in ("z", "step_error", "actions"):
-                        gathered[key].append(out[key].detach())
-                loss.backward()
+        pooled = lam.quantizer.one_usage_update() if frozen_actions is None else nullcontext()
+        with pooled:  # one VQ usage update per step, from the whole global batch
+            for m in range(t.grad_accum):
+                part = slice(m * micro, (m + 1) * micro)  # rows of the shard
+                glob = slice(rows.start + m * micro, rows.start + (m + 1) * micro)  # the same rows in the global batch
+                masks = [None if x is None else x[glob].to(device) for x in noise]
+                actions = None if frozen_actions is None else frozen_actions[glob].to(device)
+                with gradient_sync(module, sync=m == t.grad_accum - 1):
+                    with autocast(device, self.amp_dtype):
+                        out = module(shard.mix[part], shard.tokens[part], shard.sections[part], *masks, actions)
+                    loss = out["dynamics_ce"] / t.grad_accum
+                    sums["dynamics_ce"] += loss.detach()
+                    if frozen_actions is None:
+                        recon_share = float(weights[glob].sum() / weights.sum()) * self.dist.world_size
+                        recon, vq = out["recon_loss"] * recon_share, out["vq_loss"] / t.grad_accum
+                        loss = loss + t.recon_scale * recon + vq
+                        sums["recon"] += recon.detach()
+                        sums["vq"] += vq.detach()
+                        for key in ("z", "step_error", "actions"):
+                            gathered[key].append(out[key].detach())
+                    loss.backward()
         logs = mean_over_ranks({k: float(v) for k, v in sums.items()}, device)
         logs["loss"] = t.recon_scale * logs.get("recon", 0.0) + logs.get("vq", 0.0) + logs["dynamics_ce"]
         if frozen_actions is not None:
