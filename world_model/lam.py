@@ -211,7 +211,7 @@ class LatentActionModel(nn.Module):
         return residual.clamp(min=0) / target.shape[-1]
 
     @torch.no_grad()
-    def merge_redundant_codes(self, waveform: torch.Tensor, tolerance: float = 0.05) -> list[tuple[int, int]]:
+    def merge_redundant_codes(self, waveform: torch.Tensor, tolerance: float = 0.25) -> list[tuple[int, int]]:
         """Fold away codes that carry no information, label-free: code a merges into code b when decoding with b
         in a's place raises the total reconstruction loss (all steps) by less than `tolerance` of it. Spare codes
         help optimisation, but after convergence some only split NOOP (silence vs decay) or another transition.
