@@ -1,0 +1,35 @@
+"""The shipped song world model follows a section plan: the same prompt continued as a chorus is louder and busier
+than continued as an intro — section conditioning alone (null actions) moves the music the way the world does."""
+
+import numpy as np
+import pytest
+import torch
+
+from melodjinn.world_model.song_eval import StemListener, generate_songs
+from melodjinn.world_model.world_data import build_world_tensors
+from melodjinn.world_model.world_model import WorldModel
+from melodjinn.world_model.worlds import SECTION_INDEX, make_world
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = WorldModel.load("songs")
+    world = make_world({**model.world, "clip_seconds": 2.0, "song_seconds": 0.0}, seed=1000)
+    return model, build_world_tensors(world, model.codec, 6, progress=False)
+
+
+def test_a_chorus_plan_is_louder_and_busier_than_an_intro_plan(shipped):
+    model, held = shipped
+    P, T = 32, 32 + 150
+    prompt = held.tokens[..., :P]
+    out = {}
+    for name in ("intro", "chorus"):
+        sections = torch.full((len(prompt), T), SECTION_INDEX[name], dtype=torch.long)
+        sections[:, :P] = held.sections[:, :P]
+        tokens = generate_songs(model, prompt, sections, window=150, temperature=1.0, seed=0)
+        audio = model.decode(tokens[..., P:]).numpy()  # (B, S, N)
+        heard = StemListener(model.stream_names).listen(audio)
+        out[name] = (float(np.sqrt((audio.sum(1) ** 2).mean())), float((heard["events"] > 0).sum()))
+    (intro_rms, intro_onsets), (chorus_rms, chorus_onsets) = out["intro"], out["chorus"]
+    assert chorus_rms > 1.3 * intro_rms, out
+    assert chorus_onsets > 1.3 * intro_onsets, out
