@@ -81,6 +81,15 @@ def env_config(kwargs: dict) -> EnvConfig:
     return to_dataclass(EnvConfig, kwargs, "env").validate()
 
 
+def env_kwargs(node: Any) -> dict:
+    """An `env` config node (configs/env/*.yaml) → keyword arguments for the env classes (reward included)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    kwargs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    env_config({k: v for k, v in kwargs.items() if k != "reward"})  # fail early, naming the bad key
+    return kwargs
+
+
 @lru_cache(maxsize=4)
 def load_world_model(checkpoint: str, device: str) -> WorldModel:
     """World models are shared by every env of a process (inference only; sessions snapshot the weights)."""
@@ -102,7 +111,7 @@ class PromptSource:
         self.model, self.frames, self.clips = model, cfg.prompt_frames, cfg.prompt_clips
         self.world = make_world(model.world, seed=cfg.prompt_seed) if model.world.get("name") else None
         self._cache: dict[int, Prompt] = {}
-        self._rest: Optional[int] = None
+        self._usage: Optional[np.ndarray] = None
         if self.world is not None and self.frames > self.world.clip_frames:
             raise ConfigError(f"env.prompt_frames={self.frames} exceeds the world's clips ({self.world.clip_frames} frames)")
 
@@ -130,16 +139,25 @@ class PromptSource:
         sections = torch.zeros(T, dtype=torch.long) if sections is None else sections.long()
         return Prompt(tokens.cpu(), actions.cpu(), sections.cpu())
 
-    def rest_action(self) -> int:
-        """The code the LAM uses most on the world's clips ("nothing new"); the null action without a world."""
-        if self._rest is None:
-            if self.world is None:
-                self._rest = self.model.null_action
-            else:
+    def action_usage(self) -> np.ndarray:
+        """(A,) share of frames the LAM gives each code on the world's first clips (all zero without a world)."""
+        if self._usage is None:
+            self._usage = np.zeros(self.model.num_actions)
+            if self.world is not None:
                 mix = torch.from_numpy(np.stack([self.world.clip(i).mix for i in range(8)]))
                 codes = self.model.infer_actions(mix.to(self.model.codec.device)).flatten().cpu()
-                self._rest = int(torch.bincount(codes, minlength=self.model.num_actions).argmax())
-        return self._rest
+                self._usage = torch.bincount(codes, minlength=self.model.num_actions).double().numpy() / codes.numel()
+        return self._usage
+
+    def rest_action(self) -> int:
+        """The code the LAM uses most ("nothing new"); the null action without a world."""
+        usage = self.action_usage()
+        return int(usage.argmax()) if usage.any() else self.model.null_action
+
+    def used_actions(self, min_share: float = 0.002) -> list[int]:
+        """The codes the LAM uses on the world's audio (every code without a world)."""
+        usage = self.action_usage()
+        return [a for a in range(len(usage)) if usage[a] >= min_share] if usage.any() else list(range(len(usage)))
 
 
 @dataclass
