@@ -56,7 +56,7 @@ class TrainWorldConfig:
     settle_every: int = 50  # steps between code-stability checks on a fixed probe of train clips
     settle_threshold: float = 0.003  # codes count as settled when less than this share of probe steps changed code
     settle_patience: int = 3  # ... for this many checks in a row
-    merge_tolerance: float = 0.05  # at freeze, merge codes whose swap costs < this share of their loss (0 = off)
+    merge_tolerance: float = 0.25  # at freeze, merge codes whose swap raises the total reconstruction loss by < this share (0 = off)
     merge_clips: int = 64  # train clips used to judge redundant codes
     train_clips: int = 1024  # train clips rendered and encoded once (clip i of the world under `seed`)
     eval_clips: int = 64  # held-out clips from `eval_seed`
