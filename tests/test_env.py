@@ -206,3 +206,18 @@ def test_readme_script_a_rollout_example_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["audio"].shape[0] > 24_000  # the example writes/keeps more than a second of audio
+
+
+def test_bench_env_reports_every_configuration(capsys):
+    from melodjinn.cli.main import main
+
+    assert main(["bench", "env", "env_bench.num_envs=[1,2]", "env_bench.steps=2", "env_bench.decode_steps=1"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    runs = {(r["num_envs"], r["decode_audio"]): r for r in result["runs"]}
+    assert set(runs) == {(1, False), (1, True), (2, False), (2, True)}
+    for (n, _), r in runs.items():
+        assert r["frames_per_second"] == pytest.approx(4 * r["steps_per_second"])
+        assert r["steps_per_second"] == pytest.approx(n * r["steps"] / r["wall_seconds"])
+    assert result["threads"] == 1
