@@ -29,7 +29,8 @@ import torch
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
-from melodjinn.world_model.errors import ConfigError, DataError, MelodjinnError
+from melodjinn.world_model.codec_stream import StreamingDecoder
+from melodjinn.world_model.errors import ConfigError, MelodjinnError
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import HOP, SECTIONS, make_world
@@ -56,7 +57,6 @@ class EnvConfig:
     top_k: int = 0  # top-k sampling (0 = off)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     decode_audio: bool = False  # decode every step's frames to audio (info["audio"])
-    decode_context_frames: int = 16  # frames before the new ones the codec decodes with (its causal context)
     max_frames: int = 1024  # session buffer (frames); when full, the last half is kept and the cache rebuilt
     device: str = "cpu"  # torch device of the world model
 
@@ -72,8 +72,6 @@ class EnvConfig:
         if self.observation_frames > self.prompt_frames:
             raise ConfigError(f"env.observation_frames={self.observation_frames} exceeds env.prompt_frames="
                               f"{self.prompt_frames}: the first observation must be filled by the prompt")
-        if self.decode_context_frames < 0:
-            raise ConfigError(f"env.decode_context_frames must be >= 0, got {self.decode_context_frames}")
         return self
 
 
@@ -214,6 +212,7 @@ class MusicBatch:
         self.steps = 0
         self.episode_start = 0  # absolute frame where the episode's generated frames begin
         self.rest = torch.full((self.B,), self.prompts.rest_action(), dtype=torch.long, device=self.device)
+        self.decoder = StreamingDecoder(self.model.codec) if cfg.decode_audio else None
 
     # ---- episodes -------------------------------------------------------------------------------------------
 
@@ -247,6 +246,9 @@ class MusicBatch:
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=self.generators,
         )
         self.session.step(self.rest, num_frames=1)  # commits the lookahead frames with the rest code
+        if self.cfg.decode_audio:
+            self.decoder.reset()
+            self.decode(self.session.tokens)  # the codec's state after the prompt
         self.steps = 0
         self.episode_start = self.session.absolute_frames
         self.past_actions = np.full((self.B, cfg.action_history), self.A, dtype=np.int64)
@@ -318,7 +320,7 @@ class MusicBatch:
         self.steps += 1
         self.past_actions = np.roll(self.past_actions, -1, axis=1)
         self.past_actions[:, -1] = a.cpu().numpy()
-        audio = self.decode_last(F) if self.cfg.decode_audio else None
+        audio = self.decode(new) if self.cfg.decode_audio else None
         history, obs = self.last_observation, self.observation()
         self.last_observation = obs
         batch = StepBatch(new, a.cpu().numpy(), history, obs, self.steps, self.cfg.max_steps, audio, self.episode_tokens)
@@ -346,9 +348,9 @@ class MusicBatch:
         start = max(self.episode_start - self.session.offset, 0)
         return self.session.tokens[..., start:]
 
-    def decode_last(self, n: int) -> np.ndarray:
-        """(B, n·HOP) mix audio of the last n complete frames, decoded with `decode_context_frames` before them."""
-        f = self.session.frames
-        lo = max(f - n - self.cfg.decode_context_frames, 0)
-        audio = self.model.decode(self.session.grid[..., lo:f]).sum(1)  # (B, (f - lo)·HOP)
-        return audio[:, -n * HOP :].float().cpu().numpy()
+    def decode(self, tokens: torch.Tensor) -> np.ndarray:
+        """(B, S, K, n) the frames that follow the ones decoded so far → (B, n·HOP) their mix audio. The streaming
+        decoder carries the codec's state, so the step's audio is what decoding the whole episode would give."""
+        B, S, K, n = tokens.shape
+        audio = self.decoder.decode(tokens.reshape(B * S, K, n)).view(B, S, n * HOP).sum(1)
+        return audio.float().cpu().numpy()

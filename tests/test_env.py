@@ -221,3 +221,11 @@ def test_bench_env_reports_every_configuration(capsys):
         assert r["frames_per_second"] == pytest.approx(4 * r["steps_per_second"])
         assert r["steps_per_second"] == pytest.approx(n * r["steps"] / r["wall_seconds"])
     assert result["threads"] == 1
+
+
+def test_step_audio_is_the_decode_of_the_whole_episode():
+    env = MusicWorldEnv(checkpoint="drums", max_steps=12, decode_audio=True)
+    env.reset(seed=5)
+    audio = np.concatenate([env.step(t % 8)[4]["audio"] for t in range(12)])
+    whole = env.episode_audio()  # prompt + episode, decoded in one pass
+    np.testing.assert_allclose(audio, whole[-len(audio):], atol=1e-5)
