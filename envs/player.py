@@ -17,6 +17,7 @@ arrangement's codebook delay span: the frame's first codebook is sampled lag fra
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -37,9 +38,6 @@ from melodjinn.envs.policies import Policy, RandomPolicy, ScriptedPolicy, as_pol
 from melodjinn.world_model.audio_io import write_audio
 from melodjinn.world_model.errors import ConfigError
 from melodjinn.world_model.worlds import FRAME_RATE, HOP, SAMPLE_RATE, SECTIONS
-
-POLICIES = ("random", "rest", "scripted")
-
 
 @dataclass
 class Step:
@@ -110,20 +108,40 @@ class Player:
         return step_index * self.env.config.frames_per_step + self.env.core.lag
 
 
-def make_policy(name: str, env: MusicWorldEnv, script: list, seed: int) -> Policy:
-    if name == "random":
-        return RandomPolicy(env.action_space.n, seed=seed, actions=env.core.prompts.used_actions())
-    if name == "rest":
-        return ScriptedPolicy([env.rest_action])
-    if name == "scripted":
-        if not script:
-            raise ConfigError("policy=scripted needs script=[code, code, ...] (one code per step, looped)")
-        for a in script:
-            if not 0 <= int(a) < env.action_space.n:
-                raise ConfigError(f"script code {a} out of range [0, {env.action_space.n})")
-        return ScriptedPolicy(script)
-    raise ConfigError(f"policy={name!r} unknown; choose one of {', '.join(POLICIES)} (from Python, pass any object "
-                      "with act(observation) -> int and reset())")
+def random_driver(env: MusicWorldEnv, cfg: DictConfig) -> Policy:
+    return RandomPolicy(env.action_space.n, seed=int(cfg.seed), actions=env.core.prompts.used_actions())
+
+
+def rest_driver(env: MusicWorldEnv, cfg: DictConfig) -> Policy:
+    return ScriptedPolicy([env.rest_action])
+
+
+def scripted_driver(env: MusicWorldEnv, cfg: DictConfig) -> Policy:
+    script = list(cfg.script)
+    if not script:
+        raise ConfigError("policy=scripted needs script=[code, code, ...] (one code per step, looped)")
+    for a in script:
+        if not 0 <= int(a) < env.action_space.n:
+            raise ConfigError(f"script code {a} out of range [0, {env.action_space.n})")
+    return ScriptedPolicy(script)
+
+
+# policy=<name> → "module:function(env, cfg) -> Policy", imported when chosen. Agents register theirs here (they
+# read cfg.policy_checkpoint), so envs/ never imports agents/ at import time.
+POLICIES = {
+    "random": "melodjinn.envs.player:random_driver",
+    "rest": "melodjinn.envs.player:rest_driver",
+    "scripted": "melodjinn.envs.player:scripted_driver",
+}
+
+
+def make_policy(env: MusicWorldEnv, cfg: DictConfig) -> Policy:
+    name = str(cfg.policy)
+    if name not in POLICIES:
+        raise ConfigError(f"policy={name!r} unknown; choose one of {', '.join(POLICIES)} (from Python, pass any object "
+                          "with act(observation) -> int and reset())")
+    module, function = POLICIES[name].split(":")
+    return as_policy(getattr(importlib.import_module(module), function)(env, cfg))
 
 
 def parse_presses(actions: Any) -> list[tuple[float, int]]:
@@ -155,7 +173,7 @@ def build_player(cfg: DictConfig, policy: Any = None) -> Player:
     kwargs = env_kwargs(cfg.env)
     kwargs.update(reward=None, decode_audio=True, max_steps=2**31 - 1)  # one endless episode: no prompt jumps
     env = MusicWorldEnv(**kwargs)
-    chosen = as_policy(policy) if policy is not None else make_policy(str(cfg.policy), env, list(cfg.script), int(cfg.seed))
+    chosen = as_policy(policy) if policy is not None else make_policy(env, cfg)
     return Player(env, chosen, float(cfg.idle_seconds), seed=int(cfg.seed))
 
 

@@ -125,3 +125,15 @@ def test_live_player_in_a_terminal_hands_over_and_back(tmp_path):
     status = [line for line in re.split(r"[\r\n]", screen) if "driver:" in line]
     assert all(re.search(r"section: \w+ \| buffer -?\d+\.\d\ds \| RTF \d+\.\dx", line) for line in status[-3:]), status[-3:]
     assert "driver: you" in screen[mark:after_key] and "driver: policy" in handed_back
+
+
+def test_render_human_plays_through_the_sound_card(tmp_path):
+    env = _alsa_home(tmp_path, "type null")
+    code = ("import gymnasium as gym, melodjinn.envs\n"
+            "env = gym.make('melodjinn/DrumWorld-v0', render_mode='human', max_steps=5)\n"
+            "env.reset(seed=0)\n"
+            "for t in range(5): env.step(t)\n"
+            "env.close(); print('played', env.unwrapped.config.decode_audio)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "played True" in result.stdout
