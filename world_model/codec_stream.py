@@ -39,6 +39,10 @@ class StreamingDecoder:
         self.codec = codec
         with torch.no_grad():
             self.ops = _flatten(codec.decoder.model)
+            # the residual VQ's codebooks (projected) as one table: a frame's latent is one embedding_bag sum
+            layers = codec.quantizer.vq.layers
+            self.codebooks = torch.cat([layer.project_out(layer._codebook.embed) for layer in layers])  # (K·V, D)
+            self.offsets = (torch.arange(len(layers), device=codec.device) * codec.codebook_size).view(1, -1, 1)
         self.state: dict[int, object] = {}
 
     def reset(self) -> None:
@@ -52,7 +56,9 @@ class StreamingDecoder:
         codes = _check_codes(codes, codec.num_codebooks, codec.codebook_size, codec.device)
         if codes.shape[-1] == 0:
             return torch.zeros(codes.shape[0], 1, 0, device=codec.device)
-        emb = codec.quantizer.vq.decode(codes.transpose(0, 1))  # (B, D, T)
+        B, K, T = codes.shape
+        rows = (codes + self.offsets).transpose(1, 2).reshape(B * T, K)
+        emb = F.embedding_bag(rows, self.codebooks, mode="sum").view(B, T, -1).transpose(1, 2)  # (B, D, T)
         return self._run(self.ops, emb) / codec.config.input_gain
 
     def _run(self, ops: list, x: torch.Tensor) -> torch.Tensor:
