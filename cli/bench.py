@@ -19,6 +19,7 @@ TARGETS = {
     "codec": "melodjinn.world_model.codec_eval:bench_codec",
     "generation": "melodjinn.world_model.benchmarks:bench_generation",
     "env": "melodjinn.envs.benchmarks:bench_env",
+    "train": "melodjinn.world_model.benchmarks:bench_train",
 }
 
 

@@ -40,7 +40,7 @@ COMMANDS: dict[str, Command] = {
     "eval-world": Command("melodjinn.world_model.evaluation:eval_world", "Print one JSON line of world-model metrics (action NMI, controllability, delta PSNR, token CE)."),
     "plot-actions": Command("melodjinn.world_model.plotting:plot_actions", "Plot a held-out clip, its LAM actions and the dynamics' re-generation from them (out=FILE.png)."),
     "play": Command("melodjinn.envs.player:play", "Play the world model live (keys inject actions, a policy drives when idle), or headless=true out=FILE.wav seconds=S."),
-    "bench": Command("melodjinn.cli.bench:bench", "Print benchmark figures as JSON: `melodjinn bench codec`, `bench generation` or `bench env`."),
+    "bench": Command("melodjinn.cli.bench:bench", "Print benchmark figures as JSON: `melodjinn bench codec`, `bench generation`, `bench train` or `bench env`."),
 }
 
 # Commands whose first bare word is a sub-target rather than an override (`melodjinn bench codec`).
