@@ -7,8 +7,7 @@ Importing `melodjinn.envs` registers
 
 Public API (kept stable for agents/ and feedback/):
 
-    MusicWorldEnv     one env (music_env.py): Discrete(A) actions (0 = "nothing new", env.codes[a] = the LAM
-                      code of action a, env.actions_from_codes(lam_codes) back), Dict observation
+    MusicWorldEnv     one env (music_env.py): Discrete(A) actions, Dict observation
                       {"tokens", "state", "actions", "section", "progress"}, info["tokens"] / ["audio"]
     MusicVectorEnv    N envs batched into one backbone pass per frame (vector.py); also
                       gymnasium.make_vec(id, num_envs=N, vectorization_mode="vector_entry_point")

@@ -10,11 +10,9 @@ Rows step in lockstep and every episode lasts `max_steps` steps (they only trunc
 together. Each row has its own numpy Generator (which prompt it draws) and its own torch Generator (the
 session's sampling draws per row), so row i of a batch seeded s_i replays the single env seeded s_i.
 
-An action is a latent code: env action a plays LAM code `codes[a]`, where action 0 is the *rest code* (the code
-the LAM uses most on the world's data: "nothing new", DESIGN §7) and the other codes follow in their LAM order
-(without a synthetic world, actions are the LAM codes unchanged). With frames_per_step F > 1 and
-action_hold="first", a conditions the step's first frame and the other F - 1 frames get the rest code; with
-"all", a conditions all F frames (right when F equals the LAM stride; for a stride-1
+An action is a latent code a in [0, A). With frames_per_step F > 1 and action_hold="first", a conditions the
+step's first frame and the other F - 1 frames get the *rest code* (the code the LAM uses most on the world's
+data: "nothing new"); with "all", a conditions all F frames (right when F equals the LAM stride; for a stride-1
 drum model a held hit code plays a roll). In the multistream arrangement a frame's action is committed when its
 first codebook is sampled, `lag` = max_delay - min_delay frames before the frame is complete, so the tokens a step
 returns end `lag` frames before the frame its action starts (reset runs that lookahead with the rest code).
@@ -213,11 +211,7 @@ class MusicBatch:
         self.session = None
         self.steps = 0
         self.episode_start = 0  # absolute frame where the episode's generated frames begin
-        rest = self.prompts.rest_code()
-        order = [rest] + [c for c in range(self.A) if c != rest] if rest < self.A else list(range(self.A))
-        self.codes = torch.tensor(order, dtype=torch.long, device=self.device)  # env action → LAM code
-        self.actions_of_codes = np.argsort(order)  # LAM code → env action
-        self.rest = torch.full((self.B,), rest, dtype=torch.long, device=self.device)
+        self.rest = torch.full((self.B,), self.prompts.rest_code(), dtype=torch.long, device=self.device)
         self.decoder = StreamingDecoder(self.model.codec) if cfg.decode_audio else None
 
     # ---- episodes -------------------------------------------------------------------------------------------
@@ -318,11 +312,10 @@ class MusicBatch:
         if self.steps >= self.cfg.max_steps:
             raise EnvError(f"the episode ended after max_steps={self.cfg.max_steps}; call reset()")
         a = self.check_actions(actions)
-        code = self.codes[a]
         F = self.cfg.frames_per_step
-        new = self.session.step(code, num_frames=1)
+        new = self.session.step(a, num_frames=1)
         if F > 1:
-            rest = self.session.step(code if self.cfg.action_hold == "all" else self.rest, num_frames=F - 1)
+            rest = self.session.step(a if self.cfg.action_hold == "all" else self.rest, num_frames=F - 1)
             new = torch.cat([new, rest], -1)
         self.steps += 1
         self.past_actions = np.roll(self.past_actions, -1, axis=1)

@@ -4,8 +4,7 @@
     obs, info = env.reset(seed=0)                 # a held-out drum clip as the prompt
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
 
-action       Discrete(A): the latent code for the next `frames_per_step` frames; 0 = "nothing new" (the LAM's rest
-                   code), `env.codes[a]` the LAM code of action a (see core.py for how it is held)
+action       Discrete(A): the latent code for the next `frames_per_step` frames (see core.py for how it is held)
 observation  Dict: "tokens"   the last `observation_frames` complete frames, flattened frame-major (W·S·K,)
                    "state"    the backbone's normalised output state (C,) at the newest position: a summary
                               of the whole context the dynamics sees, bounded by construction
@@ -51,21 +50,15 @@ class MusicWorldEnv(gym.Env):
     def world_model(self):
         return self.core.model
 
-    rest_action = 0  # "nothing new": the LAM's rest code (what fills a step's frames after its first)
-
     @property
-    def codes(self) -> np.ndarray:
-        """(A,) the LAM code each action plays (action 0 = the rest code; see core.py)."""
-        return self.core.codes.cpu().numpy()
-
-    def actions_from_codes(self, codes) -> np.ndarray:
-        """LAM codes (any shape, e.g. `world_model.infer_actions` on audio) → the env actions that play them."""
-        return self.core.actions_of_codes[np.asarray(codes)]
+    def rest_action(self) -> int:
+        """The code for "nothing new" (what fills a step's frames after its first, with action_hold="first")."""
+        return int(self.core.rest[0])
 
     @property
     def used_actions(self) -> list[int]:
-        """The actions whose codes the LAM uses on the world's audio, 0 first (all actions without a world)."""
-        return sorted(int(a) for a in self.actions_from_codes(self.core.prompts.used_codes()))
+        """The codes the LAM uses on the world's audio (every code without a world)."""
+        return self.core.prompts.used_codes()
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)

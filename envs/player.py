@@ -2,9 +2,9 @@
 
 A generation thread steps a `MusicWorldEnv` (decoding each step) and keeps `buffer_seconds` of audio ahead of
 playback; a sounddevice callback plays it. Keys 1..A inject latent codes 0..A-1 at the next step. While nobody
-presses keys a policy drives (random over the codes the LAM uses, the rest action 0, a scripted loop, or any
+presses keys a policy drives (random over the codes the LAM uses, the rest code, a scripted loop, or any
 `Policy` object from Python, e.g. an agent from agents/); a key press takes over, and the policy gets control
-back after `idle_seconds` without a key (between presses the listener "plays" action 0, "nothing new"). The screen line
+back after `idle_seconds` without a key (between presses the listener "plays" the rest code). The screen line
 shows the current action, who drives, the section, the buffer and the real-time factor; `q` quits.
 
 `headless=true out=FILE.wav seconds=S actions=[[t, code], ...]` generates S seconds without a sound card, the
@@ -201,7 +201,7 @@ def _headless(cfg: DictConfig, presses: list, policy: Any) -> dict:
         pending = len(player.pending)
         step = player.step(k * player.seconds_per_step)
         if len(player.pending) < pending:
-            injected.append({"step": k, "action": step.action, "code": int(player.env.codes[step.action]), "frame": player.hit_frame(k),
+            injected.append({"step": k, "action": step.action, "frame": player.hit_frame(k),
                              "seconds": player.hit_frame(k) / FRAME_RATE})
         drivers[step.driver] += 1
         chunks.append(step.audio)

@@ -109,16 +109,6 @@ def test_bad_actions_and_options_are_clear_errors():
         MusicWorldEnv(checkpoint="drums", reward="loud")
 
 
-def test_action_zero_is_the_rest_code_and_codes_map_both_ways():
-    env = MusicWorldEnv(checkpoint="drums", max_steps=2)
-    codes = env.codes
-    assert sorted(codes) == list(range(8)) and env.rest_action == 0
-    usage = env.core.prompts.action_usage()
-    assert usage[codes[0]] == usage.max() > 0.5  # the code the LAM gives most frames: "nothing new"
-    assert np.array_equal(env.actions_from_codes(codes), np.arange(8))
-    assert env.used_actions[0] == 0 and len(env.used_actions) == 4
-
-
 def test_prompt_and_section_options_and_decoded_audio():
     env = MusicWorldEnv(checkpoint="drums", max_steps=3, decode_audio=True, frames_per_step=4)
     prompt = env.world_model.encode(torch.zeros(1, 1, 24_000))[0]  # one second of silence, (S, K, T)
@@ -140,9 +130,12 @@ def test_loudness_probe_tracks_held_out_loudness():
 
 
 def test_energy_curve_reward_prefers_music_that_follows_the_curve():
-    # a loud target: steady hits should beat silence (action 0, the rest code), and the reverse for a quiet target
-    hits = MusicWorldEnv(checkpoint="drums", max_steps=1).used_actions[1:]
+    # a loud target: steady hits should beat silence (the rest code), and the reverse for a quiet target
+    env = MusicWorldEnv(checkpoint="drums", max_steps=1)
+    hits = [a for a in env.used_actions if a != env.rest_action]
     assert len(hits) == 3  # kick, snare, hi-hat
+    usage = env.core.prompts.action_usage()
+    assert usage[env.rest_action] == usage.max() > 0.5  # the rest code: the LAM's "nothing new"
 
     def episode_return(curve, policy):
         env = MusicWorldEnv(checkpoint="drums", max_steps=20, reward={"name": "energy_curve", "curve": curve})
@@ -151,8 +144,8 @@ def test_energy_curve_reward_prefers_music_that_follows_the_curve():
         for t in range(20):
             total += env.step(policy(t, env))[1]
         return total
-    busy = lambda t, env: hits[t % len(hits)] if t % 2 == 0 else 0
-    quiet = lambda t, env: 0
+    busy = lambda t, env: hits[t % len(hits)] if t % 2 == 0 else env.rest_action
+    quiet = lambda t, env: env.rest_action
     loud_curve, quiet_curve = [(0, 0.8), (1, 0.8)], [(0, 0.0), (1, 0.0)]
     assert episode_return(loud_curve, busy) > episode_return(loud_curve, quiet) + 1.0
     assert episode_return(quiet_curve, quiet) > episode_return(quiet_curve, busy) + 1.0
