@@ -234,3 +234,13 @@ def test_step_audio_is_the_decode_of_the_whole_episode():
     audio = np.concatenate([env.step(t % 8)[4]["audio"] for t in range(12)])
     whole = env.episode_audio()  # prompt + episode, decoded in one pass
     np.testing.assert_allclose(audio, whole[-len(audio):], atol=1e-5)
+
+
+def test_long_episodes_roll_the_session_over():
+    env = MusicWorldEnv(checkpoint="drums", max_steps=60, max_frames=120, decode_audio=True)
+    env.reset(seed=0)
+    for t in range(60):
+        obs, _, _, truncated, info = env.step(t % 8)
+        assert env.observation_space.contains(obs) and info["audio"].shape == (1280,)
+    assert truncated and env.core.session.offset > 0  # the buffer of 120 frames was rolled over
+    assert info["frame"] == 75 + 1 + 60 * 4  # prompt, the lookahead step, 60 steps of 4 frames
