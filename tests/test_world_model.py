@@ -37,7 +37,7 @@ def test_lam_discovers_drum_actions_aligned_to_the_next_frame():
         loss.backward()
         opt.step()
         if step < 200 and step % 50 == 0:
-            lam.quantizer.restart_dead_codes(out["z"].detach(), 0.0005, out["step_error"])
+            lam.quantizer.restart_dead_codes(out["z"].detach(), 0.0005, out["onset_error"])
     lam.merge_redundant_codes(train_mix[:32])  # as train-world does when it freezes the LAM
     lam.eval()
     actions = lam.infer_actions(held_mix).numpy()  # (N, T-1)

@@ -290,14 +290,14 @@ class Trainer:
                         loss = loss + t.recon_scale * recon + vq
                         sums["recon"] += recon.detach()
                         sums["vq"] += vq.detach()
-                        for key in ("z", "step_error", "actions"):
+                        for key in ("z", "onset_error", "actions"):
                             gathered[key].append(out[key].detach())
                     loss.backward()
         logs = mean_over_ranks({k: float(v) for k, v in sums.items()}, device)
         logs["loss"] = t.recon_scale * logs.get("recon", 0.0) + logs.get("vq", 0.0) + logs["dynamics_ce"]
         if frozen_actions is not None:
             return logs, None
-        z, error, actions = (all_gather_cat(torch.cat(gathered[k])) for k in ("z", "step_error", "actions"))
+        z, error, actions = (all_gather_cat(torch.cat(gathered[k])) for k in ("z", "onset_error", "actions"))
         logs.update({f"codebook_{k}": v for k, v in codebook_stats(actions, self.model.num_actions).items()})
         return logs, (z.float(), error.float())
 
