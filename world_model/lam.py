@@ -106,6 +106,15 @@ class ActionQuantizer(nn.Module):
         return quantised, codes.view(z.shape[:-1]), loss
 
     @torch.no_grad()
+    def swap_codes(self, a: int, b: int) -> None:
+        """Exchange the labels a and b (codebook rows, usage, merges): the same encodings get swapped codes."""
+        swap = torch.arange(self.codebook.shape[0], device=self.codebook.device)
+        swap[a], swap[b] = b, a
+        self.codebook.data.copy_(self.codebook.data[swap])
+        self.usage.copy_(self.usage[swap])
+        self.code_map.copy_(swap[self.code_map[swap]])  # raw row r now holds old row swap[r]; relabel its target
+
+    @torch.no_grad()
     def restart_dead_codes(self, z: torch.Tensor, threshold: float, error: torch.Tensor | None = None) -> int:
         """Move codes whose usage fell below `threshold` onto encodings from `z` (B, T, D), drawn in proportion
         to `error` (B, T) when given (the LAM passes its `onset_error`): the worst-reconstructed onsets are the

@@ -64,7 +64,7 @@ class TrainWorldConfig:
     restart_every: int = 50  # dead-code restart period (steps) ...
     restart_until: int = 600  # ... only before this step: late restarts split NOOP and codes flip
     dead_code_threshold: float = 0.0005  # EMA usage share below which a code counts as dead
-    freeze_lam_at: int = 500  # freeze the LAM at this step at the latest (0 = never); codes drift and split if it trains on
+    freeze_lam_at: int = 1000  # freeze the LAM at this step at the latest (0 = never); codes drift and split if it trains on
     freeze_when_settled: bool = False  # ... or earlier, once its codes stop changing (checked after restart_until)
     settle_every: int = 50  # steps between code-stability checks on a fixed probe of train clips
     settle_threshold: float = 0.003  # codes count as settled when less than this share of probe steps changed code
@@ -139,6 +139,7 @@ class Trainer:
         self.frozen_actions: torch.Tensor | None = None  # (N, T) per-frame actions once the LAM is frozen
         self.history: list[dict] = []
         self.merges: list[tuple[int, int]] = []
+        self.swapped_actions: tuple[int, int] | None = None  # (0, the commonest code) exchanged at freeze
         self.frozen_at: int | None = None  # step at which the codes settled and the LAM was frozen early
         self.last_probe: torch.Tensor | None = None
         self.settled_checks = 0
@@ -151,7 +152,7 @@ class Trainer:
         if self.dist.is_main:
             extra = {"train": asdict(self.train_cfg), "resolved_config": OmegaConf.to_container(self.cfg, resolve=True),
                      "step": self.step, "lam_frozen_at": self.frozen_at, "merged_codes": self.merges,
-                     "processes": self.dist.world_size}
+                     "swapped_actions": self.swapped_actions, "processes": self.dist.world_size}
             state = {**_optimizer_state(self.opt), "rng.batches": self.batches.get_state(), "rng.torch": torch.get_rng_state(),
                      "step": torch.tensor(self.step), "settle.checks": torch.tensor(self.settled_checks)}
             if self.device.type == "cuda":
@@ -190,6 +191,8 @@ class Trainer:
         self.settled_checks = int(state["settle.checks"])
         self.last_probe = state["settle.probe"].to(self.device) if "settle.probe" in state else None
         self.merges = [tuple(m) for m in meta.get("merged_codes", [])]
+        swapped = meta.get("swapped_actions")
+        self.swapped_actions = tuple(swapped) if swapped else None
         progress = self.out / PROGRESS_FILE
         self.history = read_json(progress)["history"] if progress.exists() else []
         return True
@@ -221,8 +224,20 @@ class Trainer:
             probe = self.train_data.mix[: self.train_cfg.merge_clips].to(self.device)
             self.merges += lam.merge_redundant_codes(probe, self.train_cfg.merge_tolerance)
         chunks = [lam.infer_actions(self.train_data.mix[i : i + 64].to(self.device)) for i in range(0, len(self.train_data), 64)]
+        commonest = int(torch.cat(chunks).flatten().bincount().argmax())
+        if commonest != 0:  # DESIGN §7: action 0 is "nothing new" (the commonest transition: silence, decay, holding on)
+            self._swap_actions(0, commonest)
+            chunks = [torch.where(c == 0, commonest, torch.where(c == commonest, 0, c)) for c in chunks]
         T = self.train_data.tokens.shape[-1]
         self.frozen_actions = self.model.frame_actions(torch.cat(chunks), T).cpu()
+
+    def _swap_actions(self, a: int, b: int) -> None:
+        self.model.swap_actions(a, b)
+        self.swapped_actions = (a, b)
+        embed = self.model.dynamics.action_embed.weight  # its Adam moments follow the rows they belong to
+        for moment in self.opt.state.get(embed, {}).values():
+            if torch.is_tensor(moment) and moment.shape == embed.shape:
+                moment[[a, b]] = moment[[b, a]]
 
     def train_step(self) -> dict[str, float]:
         t, model = self.train_cfg, self.model
@@ -400,7 +415,8 @@ def _train(trainer: Trainer, out: Path, resume: bool) -> dict:
             trainer.save()
     bar.close()
     summary = {"out": str(out), "steps": trainer.step, "seconds": round(time.time() - start, 1), "processes": trainer.dist.world_size,
-               "lam_frozen_at": trainer.frozen_at or t.freeze_lam_at, "merged_codes": trainer.merges, **metrics}
+               "lam_frozen_at": trainer.frozen_at or t.freeze_lam_at, "merged_codes": trainer.merges,
+               "swapped_actions": trainer.swapped_actions, **metrics}
     if main:
         writer.close()
         print(json.dumps(summary))
