@@ -39,6 +39,7 @@ COMMANDS: dict[str, Command] = {
     "train-world": Command("melodjinn.world_model.training:train_world", "Jointly train the latent action model and the multi-stream dynamics on a world (out=DIR, resume=true)."),
     "eval-world": Command("melodjinn.world_model.evaluation:eval_world", "Print one JSON line of world-model metrics (action NMI, controllability, delta PSNR, token CE)."),
     "plot-actions": Command("melodjinn.world_model.plotting:plot_actions", "Plot a held-out clip, its LAM actions and the dynamics' re-generation from them (out=FILE.png)."),
+    "train-prior": Command("melodjinn.agents.prior_training:train_prior", "Behaviour-clone an action prior (a small Llama over action and section tokens) on a world model's LAM actions (out=DIR)."),
     "bench": Command("melodjinn.cli.bench:bench", "Print benchmark figures as JSON: `melodjinn bench codec` or `melodjinn bench generation`."),
 }
 
