@@ -201,19 +201,18 @@ class ActionPrior:
         return prior
 
 
-def prior_dir_of(world_checkpoint: str | Path) -> Path:
-    """Where a world model keeps its action prior (`<checkpoint>/prior`)."""
-    from melodjinn.world_model.artifacts import resolve_checkpoint
-
-    return resolve_checkpoint(world_checkpoint) / "prior"
-
-
 def load_prior(path: str | Path, device: str | torch.device = "cpu") -> ActionPrior:
     """A prior directory, or a world-model checkpoint (shipped name or path) whose `prior/` holds one."""
+    from melodjinn.world_model.artifacts import resolve_checkpoint
+
     path = Path(path)
-    if (path / CONFIG_FILE).exists() and (read_json(path / CONFIG_FILE).get("melodjinn") or {}).get("kind") == ARTIFACT_KIND:
+    if (path / CONFIG_FILE).exists() and "melodjinn" in read_json(path / CONFIG_FILE):
         return ActionPrior.load(path, device)
-    prior = prior_dir_of(path)
+    try:
+        prior = resolve_checkpoint(path) / "prior"
+    except CheckpointError:
+        raise CheckpointError(f"{path} is neither an action prior nor a world-model checkpoint; train a prior with "
+                              f"`melodjinn train-prior checkpoint=WORLD_MODEL out={path}`") from None
     if not (prior / CONFIG_FILE).exists():
         raise CheckpointError(f"{path} holds no action prior (looked in {prior}); train one with `melodjinn train-prior checkpoint={path} out={prior}`")
     return ActionPrior.load(prior, device)
