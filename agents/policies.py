@@ -3,13 +3,15 @@
     policy.reset(seed)          at the start of an episode (or a batch of them)
     policy.act(observation)     a single env's observation → an int; a vector env's (batched) → (B,) int64
 
-The player and env rollouts take any of these; the player may also inject a listener's action between calls,
-which a policy sees in the next observation's `actions` (the past step actions), as if it had chosen it.
+This is the env's `Policy` protocol (envs/policies.py: `act(observation) -> int`, `reset()`), widened: `act` also
+takes a vector env's batched observation, and `reset` an optional seed. The player and env rollouts take any of
+these; the player may inject a listener's action between calls, which a policy sees in the next observation's
+`actions` (the past step actions) as if it had chosen it.
 
 - `RandomPolicy`: uniform over the A latent codes (the baseline a trained agent must beat);
 - `ConstantPolicy`: always one code (e.g. the rest code: the music runs on by itself);
 - `ScriptedPolicy`: a fixed sequence of codes, looped (a drum pattern typed in by hand);
-- `PriorPolicy`: samples the action prior (agents/prior.py) at a temperature, from the actions played so far;
+- `PriorPolicy`: samples the action prior (agents/prior.py) at a temperature, from the actions in the observation;
 - `PPOPolicy` (agents/ppo.py): a stable-baselines3 PPO agent trained on the env.
 
 Every policy saves to a directory (`config.json`, and safetensors / the prior's own files where it has weights)
@@ -125,82 +127,87 @@ class ScriptedPolicy(Policy):
         return {"sequence": self.sequence}
 
 
-class PriorPolicy(Policy):
-    """Samples the action prior given the actions played so far in the episode.
+class PriorScorer:
+    """The action prior read from an env observation: `log_probs(observation) -> (B, A)` (the env's `ActionPrior`
+    protocol, what `ActionPriorBonus` and `PriorPolicy` use).
 
     The prior thinks in frames (one LAM action per `stride` frames of the audio it was cloned from); an env step
     spans `frames_per_step` frames. With `action_hold="first"` a step's action conditions its first frame and
-    the rest code the others, so the history the prior sees is each step's action followed by
-    `frames_per_step - 1` rest codes; with "all" the action repeats. Only the step's first frame is sampled:
-    the others are the env's to fill. The history comes from the observation's past actions (the last entry
-    is the previous step's, A = none at the start of an episode), so actions a listener injected count too.
+    the rest code the others, so the history the prior sees is each past step's action followed by
+    `frames_per_step - 1` rest codes ("all": the action repeated); it is scored at the step's first frame. The
+    history is the observation's past step actions (A = none before the episode), so it is the same for any
+    policy and for actions a listener injected; every history frame gets the current section.
     """
 
-    name = "prior"
-
-    def __init__(self, prior, temperature: float = 1.0, frames_per_step: int = 1, action_hold: str = "first",
-                 rest_action: int | None = None, seed: int | None = None):
-        if temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    def __init__(self, prior, frames_per_step: int = 1, action_hold: str = "first", rest_action: int | None = None):
         if action_hold not in ("first", "all"):
             raise ConfigError(f"action_hold must be 'first' or 'all', got {action_hold!r}")
         if frames_per_step > 1 and action_hold == "first" and rest_action is None:
-            raise ConfigError("a prior policy over multi-frame steps with action_hold='first' needs the env's rest_action")
+            raise ConfigError("scoring multi-frame steps with action_hold='first' needs the env's rest_action")
         self.prior = prior
-        self.temperature = float(temperature)
         self.frames_per_step = int(frames_per_step)
         self.action_hold = action_hold
         self.rest_action = rest_action
-        self.generator = torch.Generator()
-        self.reset(seed)
 
     @classmethod
-    def for_env(cls, prior, env, temperature: float = 1.0, seed: int | None = None) -> "PriorPolicy":
-        """A prior policy matched to `env`'s step length, hold rule and rest code (a Melodjinn env or vector env)."""
-        core = getattr(env, "unwrapped", env)
-        core = getattr(core, "batch", core)
-        cfg = core.cfg
-        return cls(prior, temperature, cfg.frames_per_step, cfg.action_hold, int(core.rest[0]), seed)
+    def for_env(cls, prior, env) -> "PriorScorer":
+        """Matched to a Melodjinn env's (or vector env's) step length, hold rule and rest code."""
+        core = getattr(getattr(env, "unwrapped", env), "core", None)
+        if core is None:
+            raise ConfigError(f"{type(env).__name__} is not a Melodjinn env (MusicWorldEnv, MusicVectorEnv, SB3VecEnv)")
+        if core.A != prior.num_actions:
+            raise ConfigError(f"the prior knows {prior.num_actions} actions, the env's world model {core.A}; train the prior on this world model")
+        return cls(prior, core.cfg.frames_per_step, core.cfg.action_hold, int(core.rest[0]))
+
+    def config(self) -> dict[str, Any]:
+        return {"frames_per_step": self.frames_per_step, "action_hold": self.action_hold, "rest_action": self.rest_action}
+
+    def history(self, observation: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched observation → frame-level history actions, sections (B, H·F) and the next section (B,)."""
+        past = torch.as_tensor(np.asarray(observation["actions"])).long()  # (B, action_history), A = none
+        section = torch.as_tensor(np.asarray(observation["section"])).long().reshape(-1)  # (B,)
+        B, F = past.shape[0], self.frames_per_step
+        played = past[:, (past < self.prior.num_actions).all(0)]  # rows step in lockstep: "none" is column-wide
+        if self.action_hold == "first":
+            frames = torch.cat([played[..., None], torch.full((*played.shape, F - 1), int(self.rest_action or 0))], -1)
+        else:
+            frames = played[..., None].expand(*played.shape, F)
+        actions = frames.reshape(B, -1)
+        return actions, section[:, None].expand_as(actions), section
+
+    def log_probs(self, observation: dict) -> np.ndarray:
+        return self.prior.next_log_probs(*self.history(observation)).numpy()
+
+
+class PriorPolicy(Policy):
+    """Samples the action prior at `temperature` (0 = its most likely action) given the observed history."""
+
+    name = "prior"
+
+    def __init__(self, scorer: PriorScorer, temperature: float = 1.0, seed: int | None = None):
+        if temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {temperature}")
+        self.scorer = scorer
+        self.temperature = float(temperature)
+        self.generator = torch.Generator()
+        self.reset(seed)
 
     def reset(self, seed: int | None = None) -> None:
         if seed is not None:
             self.generator.manual_seed(int(seed))
-        self.actions: torch.Tensor | None = None  # (B, H) frame-level history
-        self.sections: torch.Tensor | None = None
-
-    def _record(self, observation: dict, batch: int) -> None:
-        last = torch.as_tensor(np.asarray(observation["actions"])[:, -1]).long()  # (B,) previous step's action
-        started = last >= self.prior.num_actions  # A = none: the episode just began
-        section = torch.as_tensor(np.asarray(observation["section"])).long().reshape(batch)
-        if self.actions is None or self.actions.shape[0] != batch or bool(started.all()):
-            self.actions = torch.zeros(batch, 0, dtype=torch.long)
-            self.sections = torch.zeros(batch, 0, dtype=torch.long)
-        if bool(started.any()):
-            if not bool(started.all()):
-                raise ConfigError("rows of a batch started their episodes at different steps; a prior policy needs "
-                                  "them in lockstep (Melodjinn vector envs step so)")
-            return
-        F = self.frames_per_step
-        if self.action_hold == "first":
-            frames = torch.cat([last[:, None], torch.full((batch, F - 1), int(self.rest_action or 0))], 1)
-        else:
-            frames = last[:, None].expand(batch, F)
-        keep = self.prior.context  # older history than the prior reads is dropped
-        self.actions = torch.cat([self.actions, frames], 1)[:, -keep:]
-        self.sections = torch.cat([self.sections, section[:, None].expand(batch, F)], 1)[:, -keep:]
 
     def _act(self, observation: dict, batch: int) -> np.ndarray:
-        self._record(observation, batch)
-        section = torch.as_tensor(np.asarray(observation["section"])).long().reshape(batch)
-        return self.prior.sample(self.actions, self.sections, section, self.temperature, self.generator).numpy()
+        logp = torch.from_numpy(self.scorer.log_probs(observation))
+        if self.temperature == 0:
+            return logp.argmax(-1).numpy()
+        return torch.multinomial(torch.softmax(logp / self.temperature, -1), 1, generator=self.generator)[:, 0].numpy()
 
     def config(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "frames_per_step": self.frames_per_step,
-                "action_hold": self.action_hold, "rest_action": self.rest_action}
+        return {"temperature": self.temperature, **self.scorer.config()}
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
-        self.prior.save(directory / "prior")
+        self.scorer.prior.save(directory / "prior")
         return super().save(directory)
 
 
@@ -220,7 +227,8 @@ def load_policy(directory: str | Path, device: str | torch.device = "cpu") -> Po
     if name == "prior":
         from melodjinn.agents.prior import ActionPrior
 
-        return PriorPolicy(ActionPrior.load(directory / "prior", device), **cfg)
+        temperature = cfg.pop("temperature")
+        return PriorPolicy(PriorScorer(ActionPrior.load(directory / "prior", device), **cfg), temperature)
     if name == "ppo":
         from melodjinn.agents.ppo import PPOPolicy
 
