@@ -3,7 +3,6 @@ and save/load round-trips that give back the same actions."""
 
 import numpy as np
 import pytest
-import torch
 
 from melodjinn.agents.policies import (ConstantPolicy, PriorPolicy, PriorScorer, RandomPolicy, ScriptedPolicy,
                                        load_policy)

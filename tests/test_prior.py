@@ -3,11 +3,10 @@ baseline's on music with rhythm), sampling, and that it survives save/load bit f
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from melodjinn.agents.action_sequences import ActionSequences, sections_of_actions, world_action_sequences
+from melodjinn.agents.action_sequences import sections_of_actions, world_action_sequences
 from melodjinn.agents.prior import ACTION_OFFSET, SECTION_OFFSET, ActionPrior, PriorModelConfig, load_prior
 from melodjinn.cli.main import run
 from melodjinn.world_model.errors import CheckpointError, ConfigError, DataError
