@@ -184,7 +184,7 @@ def make_train_env(cfg: DictConfig, prior_beta: float):
     from melodjinn.agents.policies import PriorScorer
     from melodjinn.agents.prior import load_prior
     from melodjinn.envs import SB3VecEnv
-    from melodjinn.envs.rewards import ActionPriorBonus
+    from melodjinn.envs.rewards import ActionPriorBonus, RewardSum
 
     env_kwargs = env_options(cfg)
     num_envs = env_kwargs.pop("num_envs")
@@ -193,10 +193,8 @@ def make_train_env(cfg: DictConfig, prior_beta: float):
     scorer = None
     if prior_beta > 0 or cfg.get("prior"):
         scorer = PriorScorer.for_env(load_prior(cfg.prior or cfg.checkpoint), venv)
-    if prior_beta > 0:
-        bonus = ActionPriorBonus(scorer, beta=prior_beta)
-        venv.core.reward_fn.terms.append((1.0, bonus))
-        venv.core.reward_fn.names.append(bonus.name)
+    if prior_beta > 0:  # the scorer needs the built env (its rest code), so the bonus joins the reward after
+        venv.core.reward_fn = RewardSum([*venv.core.reward_fn.terms, (1.0, ActionPriorBonus(scorer, beta=prior_beta))])
     return venv, scorer
 
 
