@@ -29,7 +29,8 @@ import torch
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
-from melodjinn.world_model.errors import ConfigError, DataError, MelodjinnError
+from melodjinn.world_model.codec_stream import StreamingDecoder
+from melodjinn.world_model.errors import ConfigError, MelodjinnError
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import HOP, SECTIONS, make_world
@@ -56,7 +57,6 @@ class EnvConfig:
     top_k: int = 0  # top-k sampling (0 = off)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     decode_audio: bool = False  # decode every step's frames to audio (info["audio"])
-    decode_context_frames: int = 16  # frames before the new ones the codec decodes with (its causal context)
     max_frames: int = 1024  # session buffer (frames); when full, the last half is kept and the cache rebuilt
     device: str = "cpu"  # torch device of the world model
 
@@ -72,13 +72,20 @@ class EnvConfig:
         if self.observation_frames > self.prompt_frames:
             raise ConfigError(f"env.observation_frames={self.observation_frames} exceeds env.prompt_frames="
                               f"{self.prompt_frames}: the first observation must be filled by the prompt")
-        if self.decode_context_frames < 0:
-            raise ConfigError(f"env.decode_context_frames must be >= 0, got {self.decode_context_frames}")
         return self
 
 
 def env_config(kwargs: dict) -> EnvConfig:
     return to_dataclass(EnvConfig, kwargs, "env").validate()
+
+
+def env_kwargs(node: Any) -> dict:
+    """An `env` config node (configs/env/*.yaml) → keyword arguments for the env classes (reward included)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    kwargs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    env_config({k: v for k, v in kwargs.items() if k != "reward"})  # fail early, naming the bad key
+    return kwargs
 
 
 @lru_cache(maxsize=4)
@@ -102,7 +109,7 @@ class PromptSource:
         self.model, self.frames, self.clips = model, cfg.prompt_frames, cfg.prompt_clips
         self.world = make_world(model.world, seed=cfg.prompt_seed) if model.world.get("name") else None
         self._cache: dict[int, Prompt] = {}
-        self._rest: Optional[int] = None
+        self._usage: Optional[np.ndarray] = None
         if self.world is not None and self.frames > self.world.clip_frames:
             raise ConfigError(f"env.prompt_frames={self.frames} exceeds the world's clips ({self.world.clip_frames} frames)")
 
@@ -130,16 +137,25 @@ class PromptSource:
         sections = torch.zeros(T, dtype=torch.long) if sections is None else sections.long()
         return Prompt(tokens.cpu(), actions.cpu(), sections.cpu())
 
-    def rest_action(self) -> int:
-        """The code the LAM uses most on the world's clips ("nothing new"); the null action without a world."""
-        if self._rest is None:
-            if self.world is None:
-                self._rest = self.model.null_action
-            else:
+    def action_usage(self) -> np.ndarray:
+        """(A,) share of frames the LAM gives each code on the world's first clips (all zero without a world)."""
+        if self._usage is None:
+            self._usage = np.zeros(self.model.num_actions)
+            if self.world is not None:
                 mix = torch.from_numpy(np.stack([self.world.clip(i).mix for i in range(8)]))
                 codes = self.model.infer_actions(mix.to(self.model.codec.device)).flatten().cpu()
-                self._rest = int(torch.bincount(codes, minlength=self.model.num_actions).argmax())
-        return self._rest
+                self._usage = torch.bincount(codes, minlength=self.model.num_actions).double().numpy() / codes.numel()
+        return self._usage
+
+    def rest_code(self) -> int:
+        """The code the LAM uses most ("nothing new"); the null action without a world."""
+        usage = self.action_usage()
+        return int(usage.argmax()) if usage.any() else self.model.null_action
+
+    def used_codes(self, min_share: float = 0.002) -> list[int]:
+        """The codes the LAM uses on the world's audio (every code without a world)."""
+        usage = self.action_usage()
+        return [a for a in range(len(usage)) if usage[a] >= min_share] if usage.any() else list(range(len(usage)))
 
 
 @dataclass
@@ -195,7 +211,8 @@ class MusicBatch:
         self.session = None
         self.steps = 0
         self.episode_start = 0  # absolute frame where the episode's generated frames begin
-        self.rest = torch.full((self.B,), self.prompts.rest_action(), dtype=torch.long, device=self.device)
+        self.rest = torch.full((self.B,), self.prompts.rest_code(), dtype=torch.long, device=self.device)
+        self.decoder = StreamingDecoder(self.model.codec) if cfg.decode_audio else None
 
     # ---- episodes -------------------------------------------------------------------------------------------
 
@@ -229,6 +246,9 @@ class MusicBatch:
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=self.generators,
         )
         self.session.step(self.rest, num_frames=1)  # commits the lookahead frames with the rest code
+        if self.cfg.decode_audio:
+            self.decoder.reset()
+            self.decode(self.session.tokens)  # the codec's state after the prompt
         self.steps = 0
         self.episode_start = self.session.absolute_frames
         self.past_actions = np.full((self.B, cfg.action_history), self.A, dtype=np.int64)
@@ -300,7 +320,7 @@ class MusicBatch:
         self.steps += 1
         self.past_actions = np.roll(self.past_actions, -1, axis=1)
         self.past_actions[:, -1] = a.cpu().numpy()
-        audio = self.decode_last(F) if self.cfg.decode_audio else None
+        audio = self.decode(new) if self.cfg.decode_audio else None
         history, obs = self.last_observation, self.observation()
         self.last_observation = obs
         batch = StepBatch(new, a.cpu().numpy(), history, obs, self.steps, self.cfg.max_steps, audio, self.episode_tokens)
@@ -328,9 +348,9 @@ class MusicBatch:
         start = max(self.episode_start - self.session.offset, 0)
         return self.session.tokens[..., start:]
 
-    def decode_last(self, n: int) -> np.ndarray:
-        """(B, n·HOP) mix audio of the last n complete frames, decoded with `decode_context_frames` before them."""
-        f = self.session.frames
-        lo = max(f - n - self.cfg.decode_context_frames, 0)
-        audio = self.model.decode(self.session.grid[..., lo:f]).sum(1)  # (B, (f - lo)·HOP)
-        return audio[:, -n * HOP :].float().cpu().numpy()
+    def decode(self, tokens: torch.Tensor) -> np.ndarray:
+        """(B, S, K, n) the frames that follow the ones decoded so far → (B, n·HOP) their mix audio. The streaming
+        decoder carries the codec's state, so the step's audio is what decoding the whole episode would give."""
+        B, S, K, n = tokens.shape
+        audio = self.decoder.decode(tokens.reshape(B * S, K, n)).view(B, S, n * HOP).sum(1)
+        return audio.float().cpu().numpy()

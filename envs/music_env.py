@@ -35,6 +35,8 @@ class MusicWorldEnv(gym.Env):
     def __init__(self, reward: Any = None, render_mode: Optional[str] = None, **config: Any):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise EnvError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        if render_mode == "human":
+            config["decode_audio"] = True  # it plays every step's audio
         self.config = env_config(config)
         self.render_mode = render_mode
         self.core = MusicBatch(self.config, 1, reward)
@@ -53,6 +55,11 @@ class MusicWorldEnv(gym.Env):
         """The code for "nothing new" (what fills a step's frames after its first, with action_hold="first")."""
         return int(self.core.rest[0])
 
+    @property
+    def used_actions(self) -> list[int]:
+        """The codes the LAM uses on the world's audio (every code without a world)."""
+        return self.core.prompts.used_codes()
+
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
         obs = self.core.reset([seed], options)
@@ -65,7 +72,7 @@ class MusicWorldEnv(gym.Env):
         self._actions.append(int(np.asarray(action).reshape(-1)[0]))
         info = {**self._info(), **{k: v[0] for k, v in info.items()}}
         if self.render_mode == "human":
-            self._play(info.get("audio"))
+            self._play(info["audio"])
         return _row(obs), float(reward[0]), False, bool(truncated), info
 
     def _info(self) -> dict:
@@ -89,11 +96,9 @@ class MusicWorldEnv(gym.Env):
         gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' or 'human'")
         return None
 
-    def _play(self, audio: Optional[np.ndarray]) -> None:
+    def _play(self, audio: np.ndarray) -> None:
         from melodjinn.envs.audio_out import open_output
 
-        if audio is None:
-            audio = self.core.decode_last(self.config.frames_per_step)[0]
         if self._speaker is None:
             self._speaker = open_output(SAMPLE_RATE)
         self._speaker.write(np.ascontiguousarray(audio, dtype=np.float32))

@@ -55,7 +55,8 @@ class LoudnessProbe:
         pred = xh @ self.weights
         self.r2 = float(1 - ((pred - yh) ** 2).sum() / ((yh - yh.mean()) ** 2).sum())
         self.quiet, self.loud = np.percentile(y, [5, 95])
-        self.table = torch.tensor(self.weights[1:].reshape(K, V), dtype=torch.float32)
+        self.table = torch.tensor(self.weights[1:], dtype=torch.float32)  # (K·V,): token v of codebook k at k·V + v
+        self.offsets = (torch.arange(K) * V).view(1, 1, K, 1)
 
     def _data(self, model, clips: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         world = make_world(model.world, seed=seed)
@@ -74,9 +75,8 @@ class LoudnessProbe:
 
     def decibels(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S, K, T) tokens → (B, T) mix loudness in dB (stems add as powers)."""
-        table = self.table.to(tokens.device)
-        db = self.weights[0] + sum(table[k][tokens[:, :, k]] for k in range(self.K))  # (B, S, T)
-        return 10 * torch.log10((10 ** (db / 10)).sum(1))
+        db = self.table.to(tokens.device)[tokens + self.offsets.to(tokens.device)].sum(2) + float(self.weights[0])  # (B, S, T)
+        return db[:, 0] if db.shape[1] == 1 else 10 * torch.log10((10 ** (db / 10)).sum(1))
 
     def level(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S, K, T) → (B, T) loudness on the world's scale: 0 = its quiet frames (5th percentile), 1 = loud (95th)."""

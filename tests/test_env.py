@@ -131,7 +131,12 @@ def test_loudness_probe_tracks_held_out_loudness():
 
 def test_energy_curve_reward_prefers_music_that_follows_the_curve():
     # a loud target: steady hits should beat silence (the rest code), and the reverse for a quiet target
-    hits = [a for a in range(8) if a != 6]
+    env = MusicWorldEnv(checkpoint="drums", max_steps=1)
+    hits = [a for a in env.used_actions if a != env.rest_action]
+    assert len(hits) == 3  # kick, snare, hi-hat
+    usage = env.core.prompts.action_usage()
+    assert usage[env.rest_action] == usage.max() > 0.5  # the rest code: the LAM's "nothing new"
+
     def episode_return(curve, policy):
         env = MusicWorldEnv(checkpoint="drums", max_steps=20, reward={"name": "energy_curve", "curve": curve})
         env.reset(seed=1)
@@ -206,3 +211,36 @@ def test_readme_script_a_rollout_example_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["audio"].shape[0] > 24_000  # the example writes/keeps more than a second of audio
+
+
+def test_bench_env_reports_every_configuration(capsys):
+    from melodjinn.cli.main import main
+
+    assert main(["bench", "env", "env_bench.num_envs=[1,2]", "env_bench.steps=2", "env_bench.decode_steps=1"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    runs = {(r["num_envs"], r["decode_audio"]): r for r in result["runs"]}
+    assert set(runs) == {(1, False), (1, True), (2, False), (2, True)}
+    for (n, _), r in runs.items():
+        assert r["frames_per_second"] == pytest.approx(4 * r["steps_per_second"])
+        assert r["steps_per_second"] == pytest.approx(n * r["steps"] / r["wall_seconds"])
+    assert result["threads"] == 1
+
+
+def test_step_audio_is_the_decode_of_the_whole_episode():
+    env = MusicWorldEnv(checkpoint="drums", max_steps=12, decode_audio=True)
+    env.reset(seed=5)
+    audio = np.concatenate([env.step(t % 8)[4]["audio"] for t in range(12)])
+    whole = env.episode_audio()  # prompt + episode, decoded in one pass
+    np.testing.assert_allclose(audio, whole[-len(audio):], atol=1e-5)
+
+
+def test_long_episodes_roll_the_session_over():
+    env = MusicWorldEnv(checkpoint="drums", max_steps=60, max_frames=120, decode_audio=True)
+    env.reset(seed=0)
+    for t in range(60):
+        obs, _, _, truncated, info = env.step(t % 8)
+        assert env.observation_space.contains(obs) and info["audio"].shape == (1280,)
+    assert truncated and env.core.session.offset > 0  # the buffer of 120 frames was rolled over
+    assert info["frame"] == 75 + 1 + 60 * 4  # prompt, the lookahead step, 60 steps of 4 frames

@@ -61,3 +61,13 @@ def test_demo_runs_on_the_shipped_default(tmp_path):
     assert (tmp_path / "steered.wav").exists()
     assert result["scripted_hits"] > 0
     assert result["scripted_hit_f1"] >= 0.5, result  # an action-blind model plays no scripted hit: F1 ~0
+
+
+def test_bench_generation_reports_every_figure_with_the_thread_count():
+    result = run("bench", "target=generation", "repeats=1", "generation.context_frames=16", "generation.cache_context_frames=64",
+                 "generation.frames=6", "generation.seconds_with_decoding=0.2")
+    assert set(result["arrangements"]) == {"flatten", "delay", "multistream"}
+    assert all(r["frames_per_second"] > 0 for r in result["arrangements"].values())
+    assert result["kv_cache"]["context_frames"] == 64 and result["kv_cache"]["speedup"] > 0
+    assert result["with_decoding"]["audio_seconds"] == pytest.approx(15 / 75)
+    assert result["threads"] == torch.get_num_threads()

@@ -585,7 +585,7 @@ class _DelayedArrangement(Arrangement):
         self._delays = tuple(
             tuple(_delay_list(row, K, f"delays[{s}]", "codebook")) for s, row in enumerate(rows)
         )  # [S][K]
-        self._delay_vec = torch.tensor(self._delays, dtype=torch.long).view(S * K)  # [S*K] slot n = s*K + k
+        self._delay_vec = torch.tensor(self._delays, dtype=torch.long, device="cpu").view(S * K)  # [S*K] slot n = s*K + k
 
     @property
     def delays(self) -> tuple[tuple[int, ...], ...]:

@@ -285,12 +285,14 @@ class DynamicsModel(nn.Module):
         targets: Optional[Tensor] = None,
         *,
         generator: Optional[torch.Generator] = None,
+        noise: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
     ):
         """Teacher-forced pass. tokens (B, S, K, T) in [0, V); actions (B, T) in [0, A] with actions[:, t] the
         transition t → t+1 (the last one unused; None = all null); sections (B, T) (None = 0); styles (B,).
         Returns (logits (B, S, K, T, V), loss) — loss is None unless `targets` (B, S, K, T) is given, normally the
         tokens themselves, with IGNORE_INDEX (-100) at entries to skip (padded frames).
-        Frame masking and action dropout apply in training mode only.
+        Frame masking and action dropout apply in training mode only, drawn from `generator` (None = torch's
+        global RNG) unless `noise` gives them (see `training_noise`).
         """
         cfg, arr = self.cfg, self.arrangement
         B, S, K, T = self._check_tokens(tokens)
@@ -305,8 +307,11 @@ class DynamicsModel(nn.Module):
         seq = _by_position(arr, arr.arrange(tokens).tokens)  # (B, L, N)
         L, N = tab.L, tab.N
         tok = seq[:, :-1] + tab.row_base[:-1]  # (B, L-1, N): the input at index i holds position i-1's tokens
-        if self.training and cfg.frame_mask_prob > 0:
-            masked = torch.rand(B, T, generator=generator, device=device) < cfg.frame_mask_prob  # (B, T)
+        masked, drop = (None, None)
+        if self.training:
+            masked, drop = noise if noise is not None else self.training_noise(B, T, generator, device)
+        if masked is not None:
+            masked = masked.to(device)  # (B, T)
             hit = masked[:, tab.frame[:-1].clamp(min=0)] & (tab.frame[:-1] >= 0)  # (B, L-1, N)
             tok = tok.masked_fill(hit, rows.mask)
         start = torch.full((B, 1, N), rows.zero, dtype=torch.long, device=device)
@@ -314,10 +319,8 @@ class DynamicsModel(nn.Module):
         tok = torch.cat([start, tok], 1)  # (B, L, N)
         act_frame = (tab.cond - 1).clamp(min=0)  # (L,)
         act = torch.where(tab.cond > 0, actions[:, act_frame], self.null_action)  # (B, L)
-        if self.training and cfg.action_dropout > 0:
-            # whole sequences, not single frames: the guidance branch is an all-null sequence
-            drop = torch.rand(B, generator=generator, device=device) < cfg.action_dropout
-            act = act.masked_fill(drop[:, None], self.null_action)
+        if drop is not None:  # whole sequences, not single frames: the guidance branch is an all-null sequence
+            act = act.masked_fill(drop.to(device)[:, None], self.null_action)
         cond = [act + rows.action, sections[:, tab.cond] + rows.section]  # 2 × (B, L)
         if styles is not None:
             cond.append((styles + rows.style)[:, None].expand(B, L))
@@ -334,6 +337,15 @@ class DynamicsModel(nn.Module):
                 raise DynamicsError(f"targets must have the tokens' shape {(B, S, K, T)}, got {tuple(targets.shape)}")
             loss = F.cross_entropy(logits.view(-1, cfg.codebook_size), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX)
         return logits, loss
+
+    def training_noise(self, batch: int, frames: int, generator: Optional[torch.Generator] = None, device=None):
+        """The training pass's randomness: (B, T) input frames replaced by the mask embedding and (B,) sequences
+        conditioned on the null action (None where the option is off). Drawing it for a whole global batch and
+        slicing each process's rows keeps distributed training independent of the number of processes."""
+        cfg = self.cfg
+        masked = torch.rand(batch, frames, generator=generator, device=device) < cfg.frame_mask_prob if cfg.frame_mask_prob > 0 else None
+        drop = torch.rand(batch, generator=generator, device=device) < cfg.action_dropout if cfg.action_dropout > 0 else None
+        return masked, drop
 
     # ---- generation -------------------------------------------------------------------------------------------
 

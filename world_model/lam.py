@@ -17,12 +17,14 @@ better target than log-magnitude on drums.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from melodjinn.world_model.distributed import all_reduce_sum_
 from melodjinn.world_model.transformer import Transformer, TransformerConfig
 
 TARGETS = ("waveform", "normalized", "logmel")
@@ -60,9 +62,32 @@ class ActionQuantizer(nn.Module):
         self.register_buffer("usage", torch.full((num_codes,), 1.0 / num_codes))  # EMA share of steps per code
         # code → the code it stands for; identity until redundant codes are merged (`merge_redundant_codes`)
         self.register_buffer("code_map", torch.arange(num_codes))
+        self._pooled_counts: torch.Tensor | None = None  # set inside `one_usage_update`
+
+    def _update_usage(self, counts: torch.Tensor) -> None:
+        # usage over the global batch (counts summed over processes), so every replica's EMA stays the same
+        counts = all_reduce_sum_(counts)
+        self.usage.mul_(0.99).add_(0.01 * (counts / counts.sum()))
+
+    @contextmanager
+    def one_usage_update(self):
+        """Forward passes inside the block pool their code counts and the usage EMA takes one step at its end:
+        the micro-batches of an accumulated training step then count as the one batch they stand for."""
+        self._pooled_counts = torch.zeros_like(self.usage)
+        try:
+            yield
+            counts = self._pooled_counts
+        finally:
+            self._pooled_counts = None
+        if counts.sum() > 0:
+            self._update_usage(counts)
 
     def forward(self, z: torch.Tensor):
         # z: (B, T, D) → quantised (B, T, D), codes (B, T), vq loss
+        with torch.autocast(z.device.type, enabled=False):  # nearest-code search in fp32: bf16 ties flip codes
+            return self._quantise(z.float())
+
+    def _quantise(self, z: torch.Tensor):
         codebook = self.codebook
         if self.normalize:  # compare directions only, so a quiet hit is as far from silence as a loud one
             z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
@@ -72,8 +97,11 @@ class ActionQuantizer(nn.Module):
         quantised = codebook[codes].view_as(z)
         loss = F.mse_loss(quantised, z.detach()) + self.commitment * F.mse_loss(z, quantised.detach())
         if self.training:
-            share = torch.bincount(codes, minlength=self.codebook.shape[0]).float() / codes.numel()
-            self.usage.mul_(0.99).add_(0.01 * share)
+            counts = torch.bincount(codes, minlength=self.codebook.shape[0]).float()
+            if self._pooled_counts is not None:
+                self._pooled_counts += counts
+            else:
+                self._update_usage(counts)
         quantised = z + (quantised - z).detach()
         return quantised, codes.view(z.shape[:-1]), loss
 
@@ -155,18 +183,23 @@ class LatentActionModel(nn.Module):
             raise ValueError(f"need at least 2 patches of {self.patch} samples for one action, got {waveform.shape[-1]} samples")
         quantised, actions, vq_loss, z = self.encode(patches)
         h = self.decoder(self.decoder_in(patches[:, :-1]) + self.action_in(quantised))  # (B, T-1, C)
-        prediction = self.decoder_out(h)
+        prediction = self.decoder_out(h).float()  # losses in fp32 under autocast (waveform errors are ~1e-3)
         target = self.target(patches[:, 1:])
         per_step = self._distance(prediction, target)  # (B, T-1)
         if self.cfg.preemphasis and self.cfg.target != "logmel":
             # raw MSE is dominated by low-frequency energy (a kick's body); the emphasised copy weighs highs too
             c = self.cfg.preemphasis
             per_step = per_step + self._distance(prediction[..., 1:] - c * prediction[..., :-1], target[..., 1:] - c * target[..., :-1])
-        energy = patches.pow(2).mean(-1).add(1e-4).log()  # (B, T)
-        weight = 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
+        weight = self.step_weights(patches)
         recon = (weight * per_step).sum() / weight.sum()
         return {"actions": actions, "recon_loss": recon, "vq_loss": vq_loss, "z": z, "prediction": prediction,
                 "step_error": (weight * per_step).detach()}
+
+    def step_weights(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, T, P) patches → (B, T-1) reconstruction weights 1 + onset_weight · (log-energy rise t → t+1).
+        The reconstruction loss is their weighted mean; distributed training normalises by the global batch's sum."""
+        energy = patches.pow(2).mean(-1).add(1e-4).log()  # (B, T)
+        return 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
 
     def _distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # (B, T, P) × 2 → (B, T) mean squared error, or with gain_invariant the error left after the best
@@ -178,10 +211,13 @@ class LatentActionModel(nn.Module):
         return residual.clamp(min=0) / target.shape[-1]
 
     @torch.no_grad()
-    def merge_redundant_codes(self, waveform: torch.Tensor, tolerance: float = 0.05) -> list[tuple[int, int]]:
+    def merge_redundant_codes(self, waveform: torch.Tensor, tolerance: float = 0.25) -> list[tuple[int, int]]:
         """Fold away codes that carry no information, label-free: code a merges into code b when decoding with b
-        in a's place raises the reconstruction loss by less than `tolerance` of the loss on a's steps. Spare codes
+        in a's place raises the total reconstruction loss (all steps) by less than `tolerance` of it. Spare codes
         help optimisation, but after convergence some only split NOOP (silence vs decay) or another transition.
+        The total, not a's own loss, is the yardstick: silence is reconstructed almost perfectly, so any swap
+        looks large next to a NOOP code's own loss; a code that explains a transition, even a rare quiet one,
+        costs a multiple of the whole loss when removed (measured: redundant codes < 0.1, real ones > 0.8).
         Greedy, most redundant first; returns the (merged, kept) pairs. `waveform` (B, N) is training audio."""
         was_training = self.training
         self.eval()
@@ -189,8 +225,7 @@ class LatentActionModel(nn.Module):
         _, actions, _, z = self.encode(patches)  # actions (B, T-1)
         context = self.decoder_in(patches[:, :-1])
         target = self.target(patches[:, 1:])
-        energy = patches.pow(2).mean(-1).add(1e-4).log()
-        weight = 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
+        weight = self.step_weights(patches)
 
         def step_loss(codes: torch.Tensor) -> torch.Tensor:
             quantised = self.quantizer.codebook[codes]
@@ -205,15 +240,14 @@ class LatentActionModel(nn.Module):
 
         merges = []
         while True:
-            base = step_loss(actions)
+            total = step_loss(actions).sum().clamp(min=1e-12)
             best = None
             used = [int(a) for a in torch.unique(actions)]
             for a in used:
-                own = base[actions == a].sum()
                 for b in used:
                     if a == b:
                         continue
-                    increase = (step_loss(torch.where(actions == a, b, actions)).sum() - base.sum()) / own.clamp(min=1e-12)
+                    increase = (step_loss(torch.where(actions == a, b, actions)).sum() - total) / total
                     if increase < tolerance and (best is None or increase < best[0]):
                         best = (float(increase), a, b)
             if best is None:

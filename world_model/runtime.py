@@ -50,6 +50,34 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device` (None = plain fp32). `auto` is bf16 on a CUDA device
+    that supports it and fp32 elsewhere: CPU bf16 kernels are slower than fp32 ones on most CPUs, and fp16
+    would need a gradient scaler. `bf16` forces it (also on CPU, where it exercises the same code path)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support; use precision=fp32")
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for forward passes (`autocast_dtype`'s choice); a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """`torch.compile(module)` when enabled (compiled lazily, on the first call), else the module itself."""
+    return torch.compile(module) if enabled else module
+
+
 def apply_runtime(cfg: DictConfig) -> None:
     """Apply the shared top-level keys (`threads`, `seed`) of a composed command config."""
     if "threads" in cfg:

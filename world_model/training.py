@@ -9,27 +9,37 @@ Read top to bottom:
   4. every `eval_every` steps: held-out action NMI and token cross-entropy (TensorBoard + progress bar);
      every `checkpoint_every` steps: an atomic checkpoint with the optimiser and RNG state, so `resume=true`
      continues a killed run to the same result as an uninterrupted one.
+
+Scale-out (world_model/distributed.py): the same command runs under `torchrun --nproc_per_node=N`; the global
+batch is drawn once and sharded over the processes (DDP averages gradients), rank 0 logs and checkpoints, and a
+checkpoint resumes on any number of processes. On a GPU: bf16 autocast, SDPA attention (the transformer's),
+optional torch.compile, gradient accumulation and pinned-memory copies (`precision`, `compile`, `grad_accum`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from tqdm import tqdm
 
 from melodjinn.world_model.artifacts import load_tensors, read_json, save_tensors, write_json
 from melodjinn.world_model.codec import load_codec
-from melodjinn.world_model.dynamics import DynamicsConfig
+from melodjinn.world_model.distributed import (GlobalBatchSampler, all_gather_cat, barrier, check_replicas_in_sync,
+                                               gradient_sync, init_distributed, main_first, mean_over_ranks, wrap_ddp)
+from melodjinn.world_model.dynamics import DynamicsConfig, expand_actions
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.lam import LAMConfig, codebook_stats
 from melodjinn.world_model.metrics import normalized_mutual_info
-from melodjinn.world_model.runtime import resolve_device, seed_everything, to_dataclass
+from melodjinn.world_model.runtime import autocast, autocast_dtype, maybe_compile, seed_everything, to_dataclass
 from melodjinn.world_model.world_data import WorldTensors, cached_world_tensors
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import make_world
@@ -41,7 +51,10 @@ PROGRESS_FILE = "train_progress.json"
 @dataclass
 class TrainWorldConfig:
     steps: int = 2000  # optimiser steps in total
-    batch_size: int = 16  # clips per step
+    batch_size: int = 16  # clips per step: the global batch, over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per process and step (batch_size = processes · grad_accum · micro-batch)
+    precision: str = "auto"  # auto (bf16 autocast on a CUDA GPU with bf16, fp32 elsewhere) | fp32 | bf16
+    compile: bool = False  # torch.compile the training forward (pays a compile warm-up; for long GPU runs)
     lr: float = 1e-3  # AdamW learning rate (LAM and dynamics)
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear warm-up, then cosine decay to lr · min_lr_ratio
@@ -56,7 +69,7 @@ class TrainWorldConfig:
     settle_every: int = 50  # steps between code-stability checks on a fixed probe of train clips
     settle_threshold: float = 0.003  # codes count as settled when less than this share of probe steps changed code
     settle_patience: int = 3  # ... for this many checks in a row
-    merge_tolerance: float = 0.05  # at freeze, merge codes whose swap costs < this share of their loss (0 = off)
+    merge_tolerance: float = 0.25  # at freeze, merge codes whose swap raises the total reconstruction loss by < this share (0 = off)
     merge_clips: int = 64  # train clips used to judge redundant codes
     train_clips: int = 1024  # train clips rendered and encoded once (clip i of the world under `seed`)
     eval_clips: int = 64  # held-out clips from `eval_seed`
@@ -98,7 +111,8 @@ class Trainer:
         self.cfg = cfg
         self.train_cfg = to_dataclass(TrainWorldConfig, cfg.train, "train")
         self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.dist = init_distributed(cfg.device)  # torchrun's process group (rank, device), or one process
+        self.device = self.dist.device
         seed_everything(int(cfg.seed))  # model init and the first steps' randomness are the seed's, not the caller's
         codec = load_codec(cfg.codec, device=self.device)
         world_cfg = OmegaConf.to_container(cfg.world, resolve=True)
@@ -110,11 +124,17 @@ class Trainer:
         dyn_cfg = to_dataclass(DynamicsConfig, dyn, "model.dynamics")
         self.model = WorldModel(lam_cfg, dyn_cfg, codec, world=world_cfg).to(self.device)
         t = self.train_cfg
-        self.train_data = cached_world_tensors(self.world, codec, t.train_clips, self.out / "cache", world_cfg)
-        held_world = make_world(cfg.world, seed=t.eval_seed)
-        self.eval_data = cached_world_tensors(held_world, codec, t.eval_clips, self.out / "cache", world_cfg)
+        with main_first(self.dist):  # rank 0 renders and encodes the clips once; the other ranks read its cache
+            self.train_data = cached_world_tensors(self.world, codec, t.train_clips, self.out / "cache", world_cfg)
+            held_world = make_world(cfg.world, seed=t.eval_seed)
+            self.eval_data = cached_world_tensors(held_world, codec, t.eval_clips, self.out / "cache", world_cfg)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.batches = torch.Generator().manual_seed(int(cfg.seed))
+        self.sampler = GlobalBatchSampler(len(self.train_data), t.batch_size, self.batches, self.dist)
+        if t.grad_accum < 1 or (t.batch_size // self.dist.world_size) % t.grad_accum:
+            raise ConfigError(f"train.grad_accum={t.grad_accum}: each process's {t.batch_size // self.dist.world_size} clips must split into that many equal micro-batches")
+        self.amp_dtype = autocast_dtype(self.device, t.precision)
+        self._wrapped: tuple[bool, nn.Module] | None = None  # (LAM frozen?, the loss module as trained)
         self.step = 0
         self.frozen_actions: torch.Tensor | None = None  # (N, T) per-frame actions once the LAM is frozen
         self.history: list[dict] = []
@@ -126,16 +146,23 @@ class Trainer:
     # ---- state ----------------------------------------------------------------------------------------------
 
     def save(self) -> None:
-        extra = {"train": asdict(self.train_cfg), "resolved_config": OmegaConf.to_container(self.cfg, resolve=True),
-                 "step": self.step, "lam_frozen_at": self.frozen_at, "merged_codes": self.merges}
-        state = {**_optimizer_state(self.opt), "rng.batches": self.batches.get_state(), "rng.torch": torch.get_rng_state(),
-                 "step": torch.tensor(self.step), "settle.checks": torch.tensor(self.settled_checks)}
-        if self.last_probe is not None:
-            state["settle.probe"] = self.last_probe
-        # state first, weights + config.json last: config.json's step says which state belongs to it
-        save_tensors(self.out / STATE_FILE, state)
-        write_json(self.out / PROGRESS_FILE, {"step": self.step, "history": self.history})
-        self.model.save(self.out, extra)
+        """Rank 0 writes (every rank holds the same replica, which is checked first); the others wait for it."""
+        check_replicas_in_sync(self.model, self.dist)
+        if self.dist.is_main:
+            extra = {"train": asdict(self.train_cfg), "resolved_config": OmegaConf.to_container(self.cfg, resolve=True),
+                     "step": self.step, "lam_frozen_at": self.frozen_at, "merged_codes": self.merges,
+                     "processes": self.dist.world_size}
+            state = {**_optimizer_state(self.opt), "rng.batches": self.batches.get_state(), "rng.torch": torch.get_rng_state(),
+                     "step": torch.tensor(self.step), "settle.checks": torch.tensor(self.settled_checks)}
+            if self.device.type == "cuda":
+                state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            if self.last_probe is not None:
+                state["settle.probe"] = self.last_probe
+            # state first, weights + config.json last: config.json's step says which state belongs to it
+            save_tensors(self.out / STATE_FILE, state)
+            write_json(self.out / PROGRESS_FILE, {"step": self.step, "history": self.history})
+            self.model.save(self.out, extra)
+        barrier(self.dist)
 
     def resume(self) -> bool:
         if not (self.out / "config.json").exists():
@@ -156,6 +183,8 @@ class Trainer:
         _load_optimizer_state(self.opt, state)
         self.batches.set_state(state["rng.batches"])
         torch.set_rng_state(state["rng.torch"])
+        if "rng.cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng.cuda"], self.device)
         self.step = meta["step"]
         self.frozen_at = meta.get("lam_frozen_at")
         self.settled_checks = int(state["settle.checks"])
@@ -202,36 +231,75 @@ class Trainer:
         lr = _lr_at(self.step, t)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        index = torch.randint(len(self.train_data), (t.batch_size,), generator=self.batches)
+        index = self.sampler.global_batch()  # (B,) the global batch, the same on every rank
         batch = self.train_data.batch(index)
-        tokens, sections = batch.tokens.to(self.device), batch.sections.to(self.device)
-        T = tokens.shape[-1]
-        logs: dict[str, float] = {"lr": lr}
-        loss = torch.zeros((), device=self.device)
-        if self.frozen_actions is None:
-            lam_out = model.lam(batch.mix.to(self.device))
-            actions = model.frame_actions(lam_out["actions"].detach(), T)
-            loss = t.recon_scale * lam_out["recon_loss"] + lam_out["vq_loss"]
-            logs.update(recon=lam_out["recon_loss"].item(), vq=lam_out["vq_loss"].item(),
-                        **{f"codebook_{k}": v for k, v in codebook_stats(lam_out["actions"], model.num_actions).items()})
-        else:
-            actions = self.frozen_actions[index].to(self.device)
+        noise = model.dynamics.training_noise(*batch.sections.shape)  # drawn for the global batch: rank-independent
+        frozen = None if self.frozen_actions is None else self.frozen_actions[index]
         model.dynamics.train()
-        _, ce = model.dynamics(tokens, actions, sections, targets=tokens)
-        loss = loss + ce
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        logs, lam_state = self._forward_backward(batch, noise, frozen)
+        logs["lr"] = lr
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
         self.opt.step()
-        if self.frozen_actions is None and self.step < t.restart_until and (self.step + 1) % t.restart_every == 0:
-            logs["restarted"] = model.lam.quantizer.restart_dead_codes(lam_out["z"].detach(), t.dead_code_threshold, lam_out["step_error"])
+        if lam_state is not None and self.step < t.restart_until and (self.step + 1) % t.restart_every == 0:
+            logs["restarted"] = model.lam.quantizer.restart_dead_codes(lam_state[0], t.dead_code_threshold, lam_state[1])  # same on every rank
         self.step += 1
         if (self.frozen_actions is None and t.freeze_when_settled and self.step >= t.restart_until
                 and self.step % t.settle_every == 0):
             self._check_settled()
-        logs.update(loss=loss.item(), dynamics_ce=ce.item())
         return logs
+
+    def _loss_module(self) -> nn.Module:
+        """WorldLoss as trained: compiled when asked, under DDP when distributed. Rebuilt once the LAM freezes,
+        since DDP fixes the set of trained parameters when it wraps a module."""
+        frozen = self.frozen_actions is not None
+        if self._wrapped is None or self._wrapped[0] != frozen:
+            self._wrapped = (frozen, wrap_ddp(maybe_compile(WorldLoss(self.model), self.train_cfg.compile), self.dist))
+        return self._wrapped[1]
+
+    def _forward_backward(self, batch: WorldTensors, noise, frozen_actions: torch.Tensor | None):
+        """Forward + backward over this process's shard of the global `batch`, in `grad_accum` micro-batches.
+        Each micro-batch's loss is scaled so that the gradients, summed over micro-batches and averaged over
+        processes by DDP, are those of the global batch's loss: plain means by 1/grad_accum, the LAM's weighted
+        reconstruction mean by (its weight sum / the global batch's) · processes. Returns the global batch's logs
+        and, while the LAM trains, its (z, step error) gathered over processes for dead-code restarts."""
+        t, lam, device = self.train_cfg, self.model.lam, self.device
+        module = self._loss_module()
+        rows = self.sampler.rows  # this rank's slice of the global batch
+        shard = batch.batch(rows).to(device)
+        micro = (rows.stop - rows.start) // t.grad_accum
+        weights = lam.step_weights(lam.patches(batch.mix)) if frozen_actions is None else None  # (B, J) global
+        sums: dict[str, torch.Tensor] = defaultdict(float)
+        gathered: dict[str, list[torch.Tensor]] = defaultdict(list)
+        pooled = lam.quantizer.one_usage_update() if frozen_actions is None else nullcontext()
+        with pooled:  # one VQ usage update per step, from the whole global batch
+            for m in range(t.grad_accum):
+                part = slice(m * micro, (m + 1) * micro)  # rows of the shard
+                glob = slice(rows.start + m * micro, rows.start + (m + 1) * micro)  # the same rows in the global batch
+                masks = [None if x is None else x[glob].to(device) for x in noise]
+                actions = None if frozen_actions is None else frozen_actions[glob].to(device)
+                with gradient_sync(module, sync=m == t.grad_accum - 1):
+                    with autocast(device, self.amp_dtype):
+                        out = module(shard.mix[part], shard.tokens[part], shard.sections[part], *masks, actions)
+                    loss = out["dynamics_ce"] / t.grad_accum
+                    sums["dynamics_ce"] += loss.detach()
+                    if frozen_actions is None:
+                        recon_share = float(weights[glob].sum() / weights.sum()) * self.dist.world_size
+                        recon, vq = out["recon_loss"] * recon_share, out["vq_loss"] / t.grad_accum
+                        loss = loss + t.recon_scale * recon + vq
+                        sums["recon"] += recon.detach()
+                        sums["vq"] += vq.detach()
+                        for key in ("z", "step_error", "actions"):
+                            gathered[key].append(out[key].detach())
+                    loss.backward()
+        logs = mean_over_ranks({k: float(v) for k, v in sums.items()}, device)
+        logs["loss"] = t.recon_scale * logs.get("recon", 0.0) + logs.get("vq", 0.0) + logs["dynamics_ce"]
+        if frozen_actions is not None:
+            return logs, None
+        z, error, actions = (all_gather_cat(torch.cat(gathered[k])) for k in ("z", "step_error", "actions"))
+        logs.update({f"codebook_{k}": v for k, v in codebook_stats(actions, self.model.num_actions).items()})
+        return logs, (z.float(), error.float())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -251,6 +319,25 @@ class Trainer:
         model.dynamics.train(dyn_mode)
         return {"action_nmi": normalized_mutual_info(actions.numpy(), events), "token_ce": sum(ces) / len(data),
                 **codebook_stats(actions, model.num_actions)}
+
+
+class WorldLoss(nn.Module):
+    """One micro-batch's training losses as one module call, so that DDP and torch.compile see the LAM and the
+    dynamics as one graph. Once the LAM is frozen its per-frame `actions` are given and it is not run."""
+
+    def __init__(self, model: WorldModel):
+        super().__init__()
+        self.lam, self.dynamics = model.lam, model.dynamics
+
+    def forward(self, mix, tokens, sections, frame_mask, null_rows, actions=None) -> dict[str, torch.Tensor]:
+        # mix (b, N), tokens (b, S, K, T), sections (b, T), frame_mask (b, T) | None, null_rows (b,) | None,
+        # actions (b, T) | None → LAM outputs (while it trains) and "dynamics_ce"
+        out: dict[str, torch.Tensor] = {}
+        if actions is None:
+            out = self.lam(mix)
+            actions = expand_actions(out["actions"].detach(), self.lam.cfg.stride, tokens.shape[-1], self.dynamics.null_action)
+        _, out["dynamics_ce"] = self.dynamics(tokens, actions, sections, targets=tokens, noise=(frame_mask, null_rows))
+        return out
 
 
 def action_targets(events: torch.Tensor, stride: int, num_actions_steps: int) -> np.ndarray:
@@ -276,36 +363,45 @@ def train_world(cfg: DictConfig) -> dict:
     """Train (or resume) a world model; returns the final held-out metrics."""
     out = Path(cfg.out)
     trainer = Trainer(cfg)
-    if cfg.resume:
-        if trainer.resume():
-            print(f"resuming {out} from step {trainer.step}")
-        else:
-            print(f"nothing to resume in {out}; starting fresh")
+    try:
+        return _train(trainer, out, bool(cfg.resume))
+    finally:
+        trainer.dist.close()
+
+
+def _train(trainer: Trainer, out: Path, resume: bool) -> dict:
+    main = trainer.dist.is_main  # rank 0 prints, evaluates and writes TensorBoard logs; every rank trains
+    if resume:
+        resumed = trainer.resume()
+        if main:
+            print(f"resuming {out} from step {trainer.step}" if resumed else f"nothing to resume in {out}; starting fresh")
     elif (out / "config.json").exists():
         raise ConfigError(f"{out} already holds a checkpoint; pass resume=true to continue it or choose another out=")
     t = trainer.train_cfg
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=trainer.step)
+    writer = SummaryWriter(str(out / "tb"), purge_step=trainer.step) if main else None
     start = time.time()
-    bar = tqdm(total=t.steps, initial=trainer.step, desc="train-world", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=trainer.step, desc="train-world", dynamic_ncols=True, disable=not main)
     metrics: dict[str, float] = {}
     while trainer.step < t.steps:
         logs = trainer.train_step()
-        for key, value in logs.items():
-            writer.add_scalar(f"train/{key}", value, trainer.step)
         bar.update(1)
-        if trainer.step % t.eval_every == 0 or trainer.step == t.steps:
+        if writer is not None:
+            for key, value in logs.items():
+                writer.add_scalar(f"train/{key}", value, trainer.step)
+        if main and (trainer.step % t.eval_every == 0 or trainer.step == t.steps):
             metrics = trainer.evaluate()
             for key, value in metrics.items():
                 writer.add_scalar(f"eval/{key}", value, trainer.step)
-            trainer.history.append({"step": trainer.step, "seconds": round(time.time() - start, 1), **metrics})
+            trainer.history.append({"step": trainer.step, "seconds": round(time.time() - start, 1), "loss": logs["loss"], **metrics})
             bar.set_postfix(nmi=f"{metrics['action_nmi']:.3f}", ce=f"{metrics['token_ce']:.3f}", loss=f"{logs['loss']:.3f}")
         if trainer.step % t.checkpoint_every == 0 or trainer.step == t.steps:
             trainer.save()
     bar.close()
-    writer.close()
-    summary = {"out": str(out), "steps": trainer.step, "seconds": round(time.time() - start, 1),
+    summary = {"out": str(out), "steps": trainer.step, "seconds": round(time.time() - start, 1), "processes": trainer.dist.world_size,
                "lam_frozen_at": trainer.frozen_at or t.freeze_lam_at, "merged_codes": trainer.merges, **metrics}
-    print(json.dumps(summary))
+    if main:
+        writer.close()
+        print(json.dumps(summary))
     return summary

@@ -36,6 +36,12 @@ class WorldTensors:
     def batch(self, index: torch.Tensor) -> "WorldTensors":
         return WorldTensors(self.mix[index], self.tokens[index], self.sections[index], self.events[index])
 
+    def to(self, device: torch.device) -> "WorldTensors":
+        """On a CUDA device through pinned host memory, so the copies run asynchronously beside compute."""
+        if device.type != "cuda":
+            return WorldTensors(self.mix.to(device), self.tokens.to(device), self.sections.to(device), self.events.to(device))
+        return WorldTensors(*(t.pin_memory().to(device, non_blocking=True) for t in (self.mix, self.tokens, self.sections, self.events)))
+
 
 @torch.no_grad()
 def encode_stems(codec: Codec, stems: torch.Tensor, num_frames: int) -> torch.Tensor:
