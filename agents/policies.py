@@ -235,3 +235,21 @@ def load_policy(directory: str | Path, device: str | torch.device = "cpu") -> Po
         return PPOPolicy.load(directory, device)
     raise CheckpointError(f"{directory}: unknown policy type {name!r}; this code knows random, constant, scripted, prior, ppo")
 
+
+
+# ---- drivers for `melodjinn play policy=prior|saved` (registered by name in envs/player.py POLICIES) ----------
+
+
+def prior_driver(env, cfg) -> PriorPolicy:
+    """The action prior of `policy_checkpoint` (default: the world model's own), sampled at temperature 1."""
+    from melodjinn.agents.prior import load_prior
+
+    prior = load_prior(cfg.policy_checkpoint or env.config.checkpoint)
+    return PriorPolicy(PriorScorer.for_env(prior, env), 1.0, seed=int(cfg.seed))
+
+
+def saved_driver(env, cfg) -> Policy:
+    """Any saved policy (`policy_checkpoint=DIR`: a train-agent output or a policy.save directory)."""
+    if not cfg.policy_checkpoint:
+        raise ConfigError("policy=saved needs policy_checkpoint=DIR (a train-agent out= or a policy.save directory)")
+    return load_policy(cfg.policy_checkpoint)

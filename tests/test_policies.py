@@ -99,3 +99,15 @@ def test_loading_a_non_policy_is_a_clear_error(tmp_path):
         load_policy(tmp_path)
     with pytest.raises(CheckpointError, match="policy"):
         load_policy(resolve_checkpoint("drums"))
+
+
+def test_player_takes_the_prior_and_saved_policies(tmp_path):
+    from melodjinn.cli.main import run
+
+    result = run("play", "headless=true", f"out={tmp_path / 'prior.wav'}", "seconds=1", "policy=prior")
+    assert (tmp_path / "prior.wav").exists() and result is not None
+    ScriptedPolicy([0, 6]).save(tmp_path / "scripted")
+    run("play", "headless=true", f"out={tmp_path / 'saved.wav'}", "seconds=1", "policy=saved", f"policy_checkpoint={tmp_path / 'scripted'}")
+    assert (tmp_path / "saved.wav").exists()
+    with pytest.raises(ConfigError, match="policy_checkpoint"):
+        run("play", "headless=true", f"out={tmp_path / 'x.wav'}", "seconds=1", "policy=saved")

@@ -30,7 +30,7 @@ def test_short_ppo_run_beats_random_play(trained):
     assert summary["timesteps"] == 3072 and summary["env_steps_per_second"] > 0
     result = run("eval-agent", f"agent={out}", "episodes=16", "seed=0")
     agent, random = result["agent"], result["random"]
-    # measured: agent -1.4, random -3.0 (z = 12); a PPO that does not learn stays at random's return
+    # measured: agent -2.34 ± 0.44, random -5.92 ± 0.16 (z = 7.6) after 3 072 steps; an untrained PPO plays like random
     assert agent["return_mean"] > random["return_mean"] + 0.8, result
     assert result["agent_vs_random_z"] > 4, result
     assert set(result) >= {"constant", "prior", "agent_vs_prior_z", "agent_vs_constant_z"}
@@ -44,8 +44,9 @@ def test_agent_is_saved_without_pickles_and_loads_as_a_policy(trained):
     assert not any(p.suffix in (".zip", ".pkl", ".pt", ".pth") for p in out.rglob("*"))
     agent = PPOPolicy.load(out, deterministic=True)
     assert agent.observation_keys == ["progress"]
-    rest = 6  # the code the shipped drum model's LAM uses most: "nothing new"
-    assert [agent.act({"progress": np.array([p], dtype=np.float32)}) for p in (0.0, 0.5, 0.875)] == [rest] * 3
+    hits = {0, 5, 7}  # the shipped drum model's snare, kick and hi-hat codes
+    observations = [{"progress": np.array([p], dtype=np.float32), "section": np.int64(1)} for p in (0.0, 0.5, 0.875)]
+    assert not {agent.act(obs) for obs in observations} & hits  # it keeps quiet: the rest code or an unused one
 
 
 def test_killed_run_resumes_to_the_same_agent(tmp_path, monkeypatch):
