@@ -132,6 +132,8 @@ POLICIES = {
     "random": "melodjinn.envs.player:random_driver",
     "rest": "melodjinn.envs.player:rest_driver",
     "scripted": "melodjinn.envs.player:scripted_driver",
+    "prior": "melodjinn.agents.policies:prior_driver",
+    "saved": "melodjinn.agents.policies:saved_driver",
 }
 
 
