@@ -34,7 +34,7 @@ from melodjinn.agents.policies import ARTIFACT_KIND, Policy, batch_size_of
 from melodjinn.world_model.artifacts import load_artifact_config, load_tensors, read_json, save_artifact, save_tensors, write_json
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.runtime import to_dataclass
-from melodjinn.world_model.training import _load_optimizer_state, _optimizer_state
+from melodjinn.world_model.optim import load_optimizer_state, optimizer_state
 
 STATE_FILE = "train_state.safetensors"
 PROGRESS_FILE = "train_progress.json"
@@ -300,7 +300,7 @@ class AgentTrainer:
     def save(self) -> None:
         m = self.model
         np_state = np.random.get_state()
-        state = {**_optimizer_state(m.policy.optimizer), "rng.torch": torch.get_rng_state(),
+        state = {**optimizer_state(m.policy.optimizer), "rng.torch": torch.get_rng_state(),
                  "rng.numpy.keys": torch.from_numpy(np_state[1].astype(np.int64)),
                  "rng.numpy.pos": torch.tensor(np_state[2]), "num_timesteps": torch.tensor(m.num_timesteps),
                  "n_updates": torch.tensor(m._n_updates)}
@@ -325,7 +325,7 @@ class AgentTrainer:
         if int(state["num_timesteps"]) != meta["num_timesteps"]:
             raise CheckpointError(f"{self.out}: training state ({int(state['num_timesteps'])} steps) does not match the agent ({meta['num_timesteps']}); the run was killed mid-save, re-run without resume")
         self.model.policy.load_state_dict(load_tensors(self.out / "policy.safetensors"))
-        _load_optimizer_state(self.model.policy.optimizer, state)
+        load_optimizer_state(self.model.policy.optimizer, state)
         torch.set_rng_state(state["rng.torch"])
         np.random.set_state(("MT19937", state["rng.numpy.keys"].numpy().astype(np.uint32), int(state["rng.numpy.pos"]), 0, 0.0))
         self.model.num_timesteps = self.start_timesteps = int(state["num_timesteps"])

@@ -33,7 +33,7 @@ from melodjinn.agents.prior import ActionPrior, PriorModelConfig
 from melodjinn.world_model.artifacts import read_json, save_tensors, load_tensors, write_json
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.runtime import resolve_device, seed_everything, to_dataclass
-from melodjinn.world_model.training import _load_optimizer_state, _lr_at, _optimizer_state
+from melodjinn.world_model.optim import load_optimizer_state, lr_at, optimizer_state
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import make_world
 
@@ -161,7 +161,7 @@ def train_prior(cfg: DictConfig) -> dict:
     metrics: dict[str, float] = {}
     bar = tqdm(total=t.steps, initial=step, desc="train-prior", dynamic_ncols=True)
     while step < t.steps:
-        lr = _lr_at(step, t)
+        lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         actions, sections, mask = sample_windows(train, t.batch_size, model_cfg.context, batches)
@@ -188,7 +188,7 @@ def train_prior(cfg: DictConfig) -> dict:
         if step % t.checkpoint_every == 0 or step == t.steps:
             prior.model.eval()
             prior.info.update(step=step, metrics=metrics, train=asdict(t))
-            save_tensors(state_dir / "state.safetensors", {**_optimizer_state(opt), "rng.batches": batches.get_state(),
+            save_tensors(state_dir / "state.safetensors", {**optimizer_state(opt), "rng.batches": batches.get_state(),
                                                            "step": torch.tensor(step)})
             write_json(state_dir / "progress.json", {"step": step, "history": history})
             prior.save(out)  # config.json last: its step names the state that belongs to it
@@ -215,7 +215,7 @@ def _resume(out: Path, prior: ActionPrior, opt, batches: torch.Generator, resolv
     if int(state["step"]) != saved.info.get("step"):
         raise CheckpointError(f"{out}: training state (step {int(state['step'])}) does not match the prior (step {saved.info.get('step')}); the run was killed mid-save, re-run without resume")
     prior.model.load_state_dict(saved.model.state_dict())
-    _load_optimizer_state(opt, state)
+    load_optimizer_state(opt, state)
     batches.set_state(state["rng.batches"])
     progress = read_json(out / TRAINING_DIR / "progress.json")
     return int(state["step"]), progress["history"]

@@ -39,6 +39,7 @@ from melodjinn.world_model.dynamics import DynamicsConfig, expand_actions
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.lam import LAMConfig, codebook_stats
 from melodjinn.world_model.metrics import normalized_mutual_info
+from melodjinn.world_model.optim import load_optimizer_state, lr_at, optimizer_state
 from melodjinn.world_model.runtime import autocast, autocast_dtype, maybe_compile, seed_everything, to_dataclass
 from melodjinn.world_model.world_data import WorldTensors, cached_world_tensors
 from melodjinn.world_model.world_model import WorldModel
@@ -76,32 +77,6 @@ class TrainWorldConfig:
     eval_seed: int = 1000  # the held-out split's seed; never used for training
     eval_every: int = 250  # held-out NMI / cross-entropy period (steps)
     checkpoint_every: int = 500  # atomic checkpoint period (steps)
-
-
-def _lr_at(step: int, cfg: TrainWorldConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0))))
-
-
-def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    flat = {}
-    for idx, state in opt.state_dict()["state"].items():
-        for name, value in state.items():
-            flat[f"opt.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return flat
-
-
-def _load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    state_dict = opt.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    state_dict["state"] = state
-    opt.load_state_dict(state_dict)
 
 
 class Trainer:
@@ -153,7 +128,7 @@ class Trainer:
             extra = {"train": asdict(self.train_cfg), "resolved_config": OmegaConf.to_container(self.cfg, resolve=True),
                      "step": self.step, "lam_frozen_at": self.frozen_at, "merged_codes": self.merges,
                      "swapped_actions": self.swapped_actions, "processes": self.dist.world_size}
-            state = {**_optimizer_state(self.opt), "rng.batches": self.batches.get_state(), "rng.torch": torch.get_rng_state(),
+            state = {**optimizer_state(self.opt), "rng.batches": self.batches.get_state(), "rng.torch": torch.get_rng_state(),
                      "step": torch.tensor(self.step), "settle.checks": torch.tensor(self.settled_checks)}
             if self.device.type == "cuda":
                 state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -181,7 +156,7 @@ class Trainer:
         self.model.lam.load_state_dict(loaded.lam.state_dict())
         self.model.dynamics.load_state_dict(loaded.dynamics.state_dict())
         self.model.lam.quantizer.usage.copy_(loaded.lam.quantizer.usage)
-        _load_optimizer_state(self.opt, state)
+        load_optimizer_state(self.opt, state)
         self.batches.set_state(state["rng.batches"])
         torch.set_rng_state(state["rng.torch"])
         if "rng.cuda" in state and self.device.type == "cuda":
@@ -243,7 +218,7 @@ class Trainer:
         t, model = self.train_cfg, self.model
         if self.lam_frozen and self.frozen_actions is None:
             self._freeze_lam()
-        lr = _lr_at(self.step, t)
+        lr = lr_at(self.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in self.opt.param_groups:
             group["lr"] = lr
         index = self.sampler.global_batch()  # (B,) the global batch, the same on every rank
