@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from melodjinn.agents.policies import ConstantPolicy, Policy, PriorPolicy, PriorScorer, RandomPolicy, load_policy
+from melodjinn.agents.policies import PriorPolicy, PriorScorer, load_policy
 from melodjinn.agents.ppo import PPOPolicy
 from melodjinn.agents.prior import load_prior
+from melodjinn.envs.policies import BasePolicy, ConstantPolicy, RandomPolicy
 from melodjinn.world_model.errors import ConfigError
 
 
-def rollout(policy: Policy, envs, seed: int, scorer: PriorScorer | None = None, policy_seed: int | None = None) -> dict[str, np.ndarray]:
+def rollout(policy: BasePolicy, envs, seed: int, scorer: PriorScorer | None = None, policy_seed: int | None = None) -> dict[str, np.ndarray]:
     """One episode per row of `envs` (a MusicVectorEnv), row i seeded `seed + i`. Returns per-episode returns (N,)
     and, with a scorer, per-episode mean log π_prior of the actions taken (N,)."""
     obs, _ = envs.reset(seed=seed)
@@ -55,7 +56,7 @@ def z_score(a: dict[str, float], b: dict[str, float]) -> float:
     return (a["return_mean"] - b["return_mean"]) / se if se > 0 else math.copysign(math.inf, a["return_mean"] - b["return_mean"])
 
 
-def evaluate_policies(policies: dict[str, Policy], envs, seed: int, scorer: PriorScorer | None = None) -> dict[str, dict[str, float]]:
+def evaluate_policies(policies: dict[str, BasePolicy], envs, seed: int, scorer: PriorScorer | None = None) -> dict[str, dict[str, float]]:
     """Every policy on the same seeded episodes: one per row of `envs` (a MusicVectorEnv)."""
     return {name: summarise(rollout(policy, envs, seed, scorer)) for name, policy in policies.items()}
 

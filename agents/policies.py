@@ -1,131 +1,34 @@
-"""Policies: anything that, given the env's observation, returns an action.
+"""Policies that need agents/: the action prior as a policy, loading any saved policy, and the player drivers.
 
     policy.reset(seed)          at the start of an episode (or a batch of them)
     policy.act(observation)     a single env's observation → an int; a vector env's (batched) → (B,) int64
 
-This is the env's `Policy` protocol (envs/policies.py: `act(observation) -> int`, `reset()`), widened: `act` also
-takes a vector env's batched observation, and `reset` an optional seed. The player and env rollouts take any of
-these; the player may inject a listener's action between calls, which a policy sees in the next observation's
-`actions` (the past step actions) as if it had chosen it.
+The base class and the plain policies live with the env (envs/policies.py: `BasePolicy`, `RandomPolicy`,
+`ConstantPolicy`, `ScriptedPolicy`); this module adds
 
-- `RandomPolicy`: uniform over the A latent codes (the baseline a trained agent must beat);
-- `ConstantPolicy`: always one code (e.g. the rest code: the music runs on by itself);
-- `ScriptedPolicy`: a fixed sequence of codes, looped (a drum pattern typed in by hand);
+- `PriorScorer`: the action prior's log π(a | history) read from an env observation (the env's `ActionPrior`);
 - `PriorPolicy`: samples the action prior (agents/prior.py) at a temperature, from the actions in the observation;
-- `PPOPolicy` (agents/ppo.py): a stable-baselines3 PPO agent trained on the env.
+- `load_policy(directory)`: any saved policy back, by the `policy` entry of its config.json;
 
-Every policy saves to a directory (`config.json`, and safetensors / the prior's own files where it has weights)
-and `load_policy(directory)` gives it back; nothing is pickled.
+and `PPOPolicy` (agents/ppo.py) is a stable-baselines3 PPO agent trained on the env. The player and env rollouts
+take any of these; the player may inject a listener's action between calls, which a policy sees in the next
+observation's `actions` (the past step actions) as if it had chosen it.
+
+Every policy saves to a directory (`config.json`, and safetensors / the prior's own files where it has weights);
+nothing is pickled.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from melodjinn.world_model.artifacts import CONFIG_FILE, load_artifact_config, save_artifact
+from melodjinn.envs.policies import ARTIFACT_KIND, BasePolicy, ConstantPolicy, RandomPolicy, ScriptedPolicy
+from melodjinn.world_model.artifacts import CONFIG_FILE, load_artifact_config
 from melodjinn.world_model.errors import CheckpointError, ConfigError
-
-ARTIFACT_KIND = "policy"
-
-
-def batch_size_of(observation: dict) -> int | None:
-    """B for a vector env's batched observation, None for a single env's."""
-    section = np.asarray(observation["section"])
-    return None if section.ndim == 0 else int(section.shape[0])
-
-
-def _as_output(actions: np.ndarray, batch: int | None):
-    return int(actions[0]) if batch is None else actions.astype(np.int64)
-
-
-class Policy:
-    """Base class: subclasses implement `_act(observation, B) -> (B,) actions`; `act` handles single vs batched."""
-
-    name = "policy"
-
-    def reset(self, seed: int | None = None) -> None:
-        """Start a new episode; `seed` makes a stochastic policy's draws reproducible."""
-
-    def act(self, observation: dict):
-        batch = batch_size_of(observation)
-        obs = observation if batch is not None else {k: np.asarray(v)[None] for k, v in observation.items()}
-        return _as_output(np.asarray(self._act(obs, batch or 1)), batch)
-
-    def _act(self, observation: dict, batch: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def config(self) -> dict[str, Any]:
-        return {}
-
-    def save(self, directory: str | Path) -> Path:
-        return save_artifact(directory, ARTIFACT_KIND, {"policy": self.name, **self.config()}, {})
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"{type(self).__name__}({args})"
-
-
-class RandomPolicy(Policy):
-    name = "random"
-
-    def __init__(self, num_actions: int, seed: int | None = None):
-        if num_actions < 1:
-            raise ConfigError(f"num_actions must be >= 1, got {num_actions}")
-        self.num_actions = int(num_actions)
-        self.rng = np.random.default_rng(seed)
-
-    def reset(self, seed: int | None = None) -> None:
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
-
-    def _act(self, observation: dict, batch: int) -> np.ndarray:
-        return self.rng.integers(self.num_actions, size=batch)
-
-    def config(self) -> dict[str, Any]:
-        return {"num_actions": self.num_actions}
-
-
-class ConstantPolicy(Policy):
-    name = "constant"
-
-    def __init__(self, action: int):
-        if action < 0:
-            raise ConfigError(f"a constant policy's action must be >= 0, got {action}")
-        self.action = int(action)
-
-    def _act(self, observation: dict, batch: int) -> np.ndarray:
-        return np.full(batch, self.action)
-
-    def config(self) -> dict[str, Any]:
-        return {"action": self.action}
-
-
-class ScriptedPolicy(Policy):
-    """Plays `sequence` step by step from the start of each episode, looping at its end."""
-
-    name = "scripted"
-
-    def __init__(self, sequence: Sequence[int]):
-        self.sequence = [int(a) for a in sequence]
-        if not self.sequence or min(self.sequence) < 0:
-            raise ConfigError(f"a scripted policy needs a non-empty sequence of actions >= 0, got {list(sequence)}")
-        self.position = 0
-
-    def reset(self, seed: int | None = None) -> None:
-        self.position = 0
-
-    def _act(self, observation: dict, batch: int) -> np.ndarray:
-        action = self.sequence[self.position % len(self.sequence)]
-        self.position += 1
-        return np.full(batch, action)
-
-    def config(self) -> dict[str, Any]:
-        return {"sequence": self.sequence}
-
 
 class PriorScorer:
     """The action prior read from an env observation: `log_probs(observation) -> (B, A)` (the env's `ActionPrior`
@@ -179,7 +82,7 @@ class PriorScorer:
         return self.prior.next_log_probs(*self.history(observation)).numpy()
 
 
-class PriorPolicy(Policy):
+class PriorPolicy(BasePolicy):
     """Samples the action prior at `temperature` (0 = its most likely action) given the observed history."""
 
     name = "prior"
@@ -211,7 +114,7 @@ class PriorPolicy(Policy):
         return super().save(directory)
 
 
-def load_policy(directory: str | Path, device: str | torch.device = "cpu") -> Policy:
+def load_policy(directory: str | Path, device: str | torch.device = "cpu") -> BasePolicy:
     """Any saved policy, by the `policy` entry of its config.json."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).exists():
@@ -248,7 +151,7 @@ def prior_driver(env, cfg) -> PriorPolicy:
     return PriorPolicy(PriorScorer.for_env(prior, env), 1.0, seed=int(cfg.seed))
 
 
-def saved_driver(env, cfg) -> Policy:
+def saved_driver(env, cfg) -> BasePolicy:
     """Any saved policy (`policy_checkpoint=DIR`: a train-agent output or a policy.save directory)."""
     if not cfg.policy_checkpoint:
         raise ConfigError("policy=saved needs policy_checkpoint=DIR (a train-agent out= or a policy.save directory)")

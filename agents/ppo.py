@@ -30,7 +30,7 @@ import torch
 from gymnasium import spaces
 from omegaconf import DictConfig, OmegaConf
 
-from melodjinn.agents.policies import ARTIFACT_KIND, Policy, batch_size_of
+from melodjinn.envs.policies import ARTIFACT_KIND, BasePolicy, batch_size_of
 from melodjinn.world_model.artifacts import load_artifact_config, load_tensors, read_json, save_artifact, save_tensors, write_json
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.runtime import to_dataclass
@@ -120,7 +120,7 @@ def _observation_keys_wrapper():
 # ---- the trained agent as a Policy ------------------------------------------------------------------------------
 
 
-class PPOPolicy(Policy):
+class PPOPolicy(BasePolicy):
     """A PPO actor-critic as a Policy: `act` picks the most likely action (deterministic=True) or samples."""
 
     name = "ppo"

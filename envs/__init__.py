@@ -15,7 +15,7 @@ Public API (kept stable for agents/ and feedback/):
     EnvConfig         every env option with its default and meaning (core.py)
     rewards           EnergyCurveReward, ActionPriorBonus, PreferenceReward, make_reward (rewards.py)
     Policy, ActionPrior, PreferenceModel   the protocols the envs and the player accept (policies.py)
-    RandomPolicy, ScriptedPolicy, as_policy
+    BasePolicy, RandomPolicy, ConstantPolicy, ScriptedPolicy, as_policy   policies (savable; batched or single obs)
 
 Row i of a MusicVectorEnv seeded s_i replays a MusicWorldEnv seeded s_i (up to float rounding); episodes last
 max_steps steps and truncate, so every row resets at the same step.
@@ -25,7 +25,8 @@ from gymnasium.envs.registration import register, registry
 
 from melodjinn.envs.core import EnvConfig, EnvError, StepBatch
 from melodjinn.envs.music_env import MusicWorldEnv
-from melodjinn.envs.policies import ActionPrior, Policy, PreferenceModel, RandomPolicy, ScriptedPolicy, as_policy
+from melodjinn.envs.policies import (ActionPrior, BasePolicy, ConstantPolicy, Policy, PreferenceModel, RandomPolicy,
+                                     ScriptedPolicy, as_policy)
 from melodjinn.envs.rewards import ActionPriorBonus, EnergyCurveReward, PreferenceReward, make_reward
 from melodjinn.envs.vector import MusicVectorEnv, SB3VecEnv
 
@@ -39,7 +40,7 @@ if ENV_IDS[0] not in registry:
              kwargs={"checkpoint": "drums", "reward": "energy_curve"})
 
 __all__ = [
-    "ENV_IDS", "ActionPrior", "ActionPriorBonus", "EnergyCurveReward", "EnvConfig", "EnvError", "MusicVectorEnv",
-    "MusicWorldEnv", "Policy", "PreferenceModel", "PreferenceReward", "RandomPolicy", "SB3VecEnv", "ScriptedPolicy",
-    "StepBatch", "as_policy", "make_reward",
+    "ENV_IDS", "ActionPrior", "ActionPriorBonus", "BasePolicy", "ConstantPolicy", "EnergyCurveReward", "EnvConfig",
+    "EnvError", "MusicVectorEnv", "MusicWorldEnv", "Policy", "PreferenceModel", "PreferenceReward", "RandomPolicy",
+    "SB3VecEnv", "ScriptedPolicy", "StepBatch", "as_policy", "make_reward",
 ]

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from melodjinn.envs.audio_out import open_output
 from melodjinn.envs.core import env_kwargs
 from melodjinn.envs.music_env import MusicWorldEnv
-from melodjinn.envs.policies import Policy, RandomPolicy, ScriptedPolicy, as_policy
+from melodjinn.envs.policies import ConstantPolicy, Policy, RandomPolicy, ScriptedPolicy, as_policy
 from melodjinn.world_model.audio_io import write_audio
 from melodjinn.world_model.errors import ConfigError
 from melodjinn.world_model.worlds import FRAME_RATE, HOP, SAMPLE_RATE, SECTIONS
@@ -113,7 +113,7 @@ def random_driver(env: MusicWorldEnv, cfg: DictConfig) -> Policy:
 
 
 def rest_driver(env: MusicWorldEnv, cfg: DictConfig) -> Policy:
-    return ScriptedPolicy([env.rest_action])
+    return ConstantPolicy(env.rest_action)
 
 
 def scripted_driver(env: MusicWorldEnv, cfg: DictConfig) -> Policy:

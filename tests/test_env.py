@@ -14,6 +14,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import melodjinn.envs  # noqa: F401  (registers the ids)
 from melodjinn.envs import (ActionPriorBonus, EnvError, MusicVectorEnv, MusicWorldEnv, PreferenceReward, SB3VecEnv,
                             make_reward)
+from melodjinn.envs.core import load_world_model
 from melodjinn.envs.rewards import loudness_probe
 from melodjinn.world_model.errors import ConfigError
 
@@ -90,7 +91,8 @@ def test_bad_actions_and_options_are_clear_errors():
     with pytest.raises(EnvError, match="reset"):
         env.step(0)
     env.reset(seed=0)
-    for bad, match in [(8, r"out of range.*\[0, 8\)"), (-1, "out of range"), (1.5, "integer"), ([0, 1], "1 action")]:
+    A = env.action_space.n
+    for bad, match in [(A, rf"out of range.*\[0, {A}\)"), (-1, "out of range"), (1.5, "integer"), ([0, 1], "1 action")]:
         with pytest.raises(EnvError, match=match):
             env.step(bad)
     with pytest.raises(EnvError, match="unknown reset option"):
@@ -152,8 +154,11 @@ def test_energy_curve_reward_prefers_music_that_follows_the_curve():
 
 
 class _UniformPrior:
+    def __init__(self, num_actions):
+        self.num_actions = num_actions
+
     def log_probs(self, observation):
-        return np.full((len(observation["section"]), 8), np.log(1 / 8))
+        return np.full((len(observation["section"]), self.num_actions), -np.log(self.num_actions))
 
 
 class _CountHits:  # a stand-in preference model: likes tokens equal to 0 in codebook 0
@@ -162,13 +167,14 @@ class _CountHits:  # a stand-in preference model: likes tokens equal to 0 in cod
 
 
 def test_prior_bonus_and_preference_reward_terms_add_up():
-    reward = [ActionPriorBonus(_UniformPrior(), beta=0.5), PreferenceReward(_CountHits(), every=2)]
+    A = load_world_model("drums", "cpu").num_actions
+    reward = [ActionPriorBonus(_UniformPrior(A), beta=0.5), PreferenceReward(_CountHits(), every=2)]
     env = MusicWorldEnv(checkpoint="drums", max_steps=4, reward=reward)
     env.reset(seed=0)
     prefs = []
     for t in range(4):
         _, r, _, _, info = env.step(t)
-        assert info["reward_prior"] == pytest.approx(0.5 * np.log(1 / 8))
+        assert info["reward_prior"] == pytest.approx(-0.5 * np.log(A))
         assert r == pytest.approx(info["reward_prior"] + info["reward_preference"])
         prefs.append(info["reward_preference"])
     assert prefs[0] == 0 and prefs[2] == 0  # scored every 2 steps
@@ -177,7 +183,7 @@ def test_prior_bonus_and_preference_reward_terms_add_up():
     with pytest.raises(ConfigError, match="log_probs"):
         ActionPriorBonus(object())
     with pytest.raises(ConfigError, match="distinct names"):
-        make_reward([ActionPriorBonus(_UniformPrior()), ActionPriorBonus(_UniformPrior())])
+        make_reward([ActionPriorBonus(_UniformPrior(A)), ActionPriorBonus(_UniformPrior(A))])
 
 
 def test_sb3_vec_env_matches_vector_env_and_trains_ppo():
@@ -191,9 +197,10 @@ def test_sb3_vec_env_matches_vector_env_and_trains_ppo():
     ref = MusicVectorEnv(num_envs=2, checkpoint="drums", max_steps=steps, reward="energy_curve")
     ref_obs, _ = ref.reset(seed=21)
     assert np.array_equal(obs["tokens"], ref_obs["tokens"])
-    for t in range(steps):
-        obs, rewards, dones, infos = venv.step(np.array([t % 8, 6]))
-        ref_obs, ref_rewards, _, _, _ = ref.step(np.array([t % 8, 6]))
+    A, rest = ref.single_action_space.n, int(ref.core.rest[0])
+    for t in range(steps):  # row 0 cycles through every code, row 1 rests
+        obs, rewards, dones, infos = venv.step(np.array([t % A, rest]))
+        ref_obs, ref_rewards, _, _, _ = ref.step(np.array([t % A, rest]))
         np.testing.assert_allclose(rewards, ref_rewards, rtol=1e-6)
     assert dones.all() and infos[0]["TimeLimit.truncated"]
     assert np.array_equal(infos[1]["terminal_observation"]["tokens"], ref_obs["tokens"][1])
@@ -231,7 +238,7 @@ def test_bench_env_reports_every_configuration(capsys):
 def test_step_audio_is_the_decode_of_the_whole_episode():
     env = MusicWorldEnv(checkpoint="drums", max_steps=12, decode_audio=True)
     env.reset(seed=5)
-    audio = np.concatenate([env.step(t % 8)[4]["audio"] for t in range(12)])
+    audio = np.concatenate([env.step(t % env.action_space.n)[4]["audio"] for t in range(12)])
     whole = env.episode_audio()  # prompt + episode, decoded in one pass
     np.testing.assert_allclose(audio, whole[-len(audio):], atol=1e-5)
 
@@ -240,7 +247,7 @@ def test_long_episodes_roll_the_session_over():
     env = MusicWorldEnv(checkpoint="drums", max_steps=60, max_frames=120, decode_audio=True)
     env.reset(seed=0)
     for t in range(60):
-        obs, _, _, truncated, info = env.step(t % 8)
+        obs, _, _, truncated, info = env.step(t % env.action_space.n)
         assert env.observation_space.contains(obs) and info["audio"].shape == (1280,)
     assert truncated and env.core.session.offset > 0  # the buffer of 120 frames was rolled over
     assert info["frame"] == 75 + 1 + 60 * 4  # prompt, the lookahead step, 60 steps of 4 frames

@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 from melodjinn.cli.main import compose, main
+from melodjinn.envs import MusicWorldEnv
 from melodjinn.envs.core import load_world_model
 from melodjinn.envs.player import build_player, parse_presses
 from melodjinn.world_model.errors import ConfigError
@@ -54,16 +55,19 @@ def test_headless_writes_seconds_of_audio_with_hits_where_injected(tmp_path, cap
 
 
 def test_player_override_and_hand_back_in_music_time():
-    cfg = compose("play", ["headless=true", "idle_seconds=1.0", "policy=scripted", "script=[7]"])
+    probe = MusicWorldEnv(checkpoint="drums", max_steps=1)
+    key, scripted = [a for a in probe.used_actions if a != probe.rest_action][:2]  # two hit codes, neither the rest
+    cfg = compose("play", ["headless=true", "idle_seconds=1.0", "policy=scripted", f"script=[{scripted}]"])
     player = build_player(cfg)
-    player.press(0, at=0.5)
+    assert player.env.rest_action == probe.rest_action
+    player.press(key, at=0.5)
     drivers = [(k * player.seconds_per_step, player.step(k * player.seconds_per_step)) for k in range(40)]
     first_you = next(t for t, s in drivers if s.driver == "you")
-    assert [s.action for t, s in drivers if t < 0.5] == [7] * sum(t < 0.5 for t, _ in drivers)  # policy before
-    assert first_you >= 0.5 and next(s for t, s in drivers if s.driver == "you").action == 0  # the key, at once
+    assert [s.action for t, s in drivers if t < 0.5] == [scripted] * sum(t < 0.5 for t, _ in drivers)  # policy before
+    assert first_you >= 0.5 and next(s for t, s in drivers if s.driver == "you").action == key  # the key, at once
     between = [s for t, s in drivers if first_you < t < 0.5 + 1.0]
     assert between and all(s.driver == "you" and s.action == player.env.rest_action for s in between)
-    assert all(s.driver == "policy" and s.action == 7 for t, s in drivers if t >= 0.5 + 1.0)  # handed back
+    assert all(s.driver == "policy" and s.action == scripted for t, s in drivers if t >= 0.5 + 1.0)  # handed back
 
 
 def test_bad_play_options_are_clear():

@@ -1,19 +1,27 @@
 """Policies: the env's Policy protocol, single and batched observations, the prior read from observations,
-and save/load round-trips that give back the same actions."""
+and save/load round-trips that give back the same actions. Codes come from the shipped model (its rest code, the
+codes its LAM uses), never literals: a re-trained checkpoint numbers them differently."""
 
 import numpy as np
 import pytest
 
-from melodjinn.agents.policies import (ConstantPolicy, PriorPolicy, PriorScorer, RandomPolicy, ScriptedPolicy,
-                                       load_policy)
+from melodjinn.agents.policies import PriorPolicy, PriorScorer, load_policy
 from melodjinn.agents.ppo import PPOPolicy
 from melodjinn.agents.prior import ActionPrior, PriorModelConfig
-from melodjinn.envs import MusicVectorEnv, MusicWorldEnv
+from melodjinn.envs import ConstantPolicy, MusicVectorEnv, MusicWorldEnv, RandomPolicy, ScriptedPolicy
 from melodjinn.envs import Policy as EnvPolicy
 from melodjinn.world_model.artifacts import resolve_checkpoint
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 
-A = 8
+
+
+def _tiny_prior(num_actions):
+    return ActionPrior.create(num_actions, PriorModelConfig(dim=16, layers=1, heads=2, mlp_dim=32, context=16), seed=3)
+
+
+@pytest.fixture(scope="module")
+def env():
+    return MusicWorldEnv(checkpoint="drums", max_steps=3, frames_per_step=2, action_hold="first", action_history=4)
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +30,22 @@ def envs():
 
 
 @pytest.fixture(scope="module")
-def tiny_prior():
-    return ActionPrior.create(A, PriorModelConfig(dim=16, layers=1, heads=2, mlp_dim=32, context=16), seed=3)
+def tiny_prior(env):
+    return _tiny_prior(env.action_space.n)
 
 
-def _policies(envs, tiny_prior):
+def _pattern(env):
+    """Three distinct codes the LAM uses, the rest code in the middle (a hand-typed drum pattern)."""
+    hits = [a for a in env.used_actions if a != env.rest_action]
+    return [hits[0], env.rest_action, hits[-1]]
+
+
+def _policies(env, envs, tiny_prior):
     scorer = PriorScorer.for_env(tiny_prior, envs)
     ppo = PPOPolicy(PPOPolicy.build(_ppo_space(envs), envs.single_action_space, [16]), ["progress", "actions"])
-    return [RandomPolicy(A, seed=1), ConstantPolicy(6), ScriptedPolicy([0, 6, 7]), PriorPolicy(scorer, 1.0, seed=2), ppo]
+    A = env.action_space.n
+    return [RandomPolicy(A, seed=1), RandomPolicy(A, seed=1, actions=env.used_actions), ConstantPolicy(env.rest_action),
+            ScriptedPolicy(_pattern(env)), PriorPolicy(scorer, 1.0, seed=2), ppo]
 
 
 def _ppo_space(envs):
@@ -49,9 +65,9 @@ def _play(policy, envs, seed=0):
     return np.stack(actions)  # (steps, B)
 
 
-def test_every_policy_follows_the_env_protocol_single_and_batched(envs, tiny_prior):
-    env = MusicWorldEnv(checkpoint="drums", max_steps=3, frames_per_step=2, action_hold="first", action_history=4)
-    for policy in _policies(envs, tiny_prior):
+def test_every_policy_follows_the_env_protocol_single_and_batched(env, envs, tiny_prior):
+    A = env.action_space.n
+    for policy in _policies(env, envs, tiny_prior):
         assert isinstance(policy, EnvPolicy), policy
         obs, _ = env.reset(seed=0)
         policy.reset()
@@ -63,12 +79,19 @@ def test_every_policy_follows_the_env_protocol_single_and_batched(envs, tiny_pri
         assert batched.shape == (6, 3) and batched.dtype == np.int64 and batched.min() >= 0 and batched.max() < A
 
 
-def test_scripted_and_constant_play_what_they_say(envs):
-    assert _play(ScriptedPolicy([0, 6, 7]), envs)[:, 0].tolist() == [0, 6, 7, 0, 6, 7]
-    assert (_play(ConstantPolicy(5), envs) == 5).all()
+def test_scripted_constant_and_random_play_what_they_say(env, envs):
+    pattern = _pattern(env)
+    assert _play(ScriptedPolicy(pattern), envs)[:, 0].tolist() == pattern * 2
+    assert (_play(ConstantPolicy(env.rest_action), envs) == env.rest_action).all()
+    subset = env.used_actions[:2]
+    assert set(_play(RandomPolicy(env.action_space.n, seed=0, actions=subset), envs).ravel()) <= set(subset)
+    with pytest.raises(ConfigError, match="subset"):
+        RandomPolicy(env.action_space.n, actions=[env.action_space.n])
 
 
-def test_prior_scorer_reads_frame_history_from_the_observation(tiny_prior):
+def test_prior_scorer_reads_frame_history_from_the_observation():
+    A = 8  # a synthetic prior over 8 codes, unrelated to any checkpoint; code 6 stands in for the rest code
+    tiny_prior = _tiny_prior(A)
     scorer = PriorScorer(tiny_prior, frames_per_step=2, action_hold="first", rest_action=6)
     obs = {"actions": np.array([[A, A, 3, 0], [A, A, 1, 7]]), "section": np.array([1, 2])}
     actions, sections, nxt = scorer.history(obs)
@@ -84,9 +107,9 @@ def test_prior_scorer_reads_frame_history_from_the_observation(tiny_prior):
         PriorScorer(tiny_prior, frames_per_step=2, action_hold="first")
 
 
-def test_policies_round_trip_through_save_and_load(envs, tiny_prior, tmp_path):
-    for i, policy in enumerate(_policies(envs, tiny_prior)):
-        directory = tmp_path / policy.name
+def test_policies_round_trip_through_save_and_load(env, envs, tiny_prior, tmp_path):
+    for i, policy in enumerate(_policies(env, envs, tiny_prior)):
+        directory = tmp_path / f"{i}-{policy.name}"
         policy.save(directory)
         loaded = load_policy(directory)
         assert type(loaded) is type(policy) and loaded.config() == policy.config()
@@ -101,12 +124,12 @@ def test_loading_a_non_policy_is_a_clear_error(tmp_path):
         load_policy(resolve_checkpoint("drums"))
 
 
-def test_player_takes_the_prior_and_saved_policies(tmp_path):
+def test_player_takes_the_prior_and_saved_policies(env, tmp_path):
     from melodjinn.cli.main import run
 
     result = run("play", "headless=true", f"out={tmp_path / 'prior.wav'}", "seconds=1", "policy=prior")
     assert (tmp_path / "prior.wav").exists() and result is not None
-    ScriptedPolicy([0, 6]).save(tmp_path / "scripted")
+    ScriptedPolicy(_pattern(env)).save(tmp_path / "scripted")
     run("play", "headless=true", f"out={tmp_path / 'saved.wav'}", "seconds=1", "policy=saved", f"policy_checkpoint={tmp_path / 'scripted'}")
     assert (tmp_path / "saved.wav").exists()
     with pytest.raises(ConfigError, match="policy_checkpoint"):
