@@ -16,7 +16,7 @@ from melodjinn.world_model.errors import CheckpointError, ConfigError
 
 
 def _tiny_prior(num_actions):
-    return ActionPrior.create(num_actions, PriorModelConfig(dim=16, layers=1, heads=2, mlp_dim=32, context=16), seed=3)
+    return ActionPrior.create(int(num_actions), PriorModelConfig(dim=16, layers=1, heads=2, mlp_dim=32, context=16), seed=3)
 
 
 @pytest.fixture(scope="module")
