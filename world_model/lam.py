@@ -231,7 +231,10 @@ class LatentActionModel(nn.Module):
         The total, not a's own loss, is the yardstick: silence is reconstructed almost perfectly, so any swap
         looks large next to a NOOP code's own loss; a code that explains a transition, even a rare quiet one,
         costs a multiple of the whole loss when removed (measured: redundant codes < 0.1, real ones > 0.8).
-        Greedy, most redundant first; returns the (merged, kept) pairs. `waveform` (B, N) is training audio."""
+        Greedy, most redundant first. A redundant code folds into the commonest code it may join, not the cheapest:
+        the decoder tells codes apart by context, so a "kick still ringing" code costs almost nothing to fold into
+        a hi-hat's code, which would then mean two things; "nothing new" is where redundancy belongs.
+        Returns the (merged, kept) pairs. `waveform` (B, N) is training audio."""
         was_training = self.training
         self.eval()
         patches = self.patches(waveform)
@@ -254,15 +257,19 @@ class LatentActionModel(nn.Module):
         merges = []
         while True:
             total = step_loss(actions).sum().clamp(min=1e-12)
-            best = None
+            best = None  # (the cheapest swap of a, a, the commonest code a can fold into within tolerance)
             used = [int(a) for a in torch.unique(actions)]
+            counts = {a: int((actions == a).sum()) for a in used}
             for a in used:
+                admissible = []
                 for b in used:
                     if a == b:
                         continue
-                    increase = (step_loss(torch.where(actions == a, b, actions)).sum() - total) / total
-                    if increase < tolerance and (best is None or increase < best[0]):
-                        best = (float(increase), a, b)
+                    increase = float((step_loss(torch.where(actions == a, b, actions)).sum() - total) / total)
+                    if increase < tolerance:
+                        admissible.append((increase, b))
+                if admissible and (best is None or min(admissible)[0] < best[0]):
+                    best = (min(admissible)[0], a, max(admissible, key=lambda ib: counts[ib[1]])[1])
             if best is None:
                 break
             _, a, b = best
