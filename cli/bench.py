@@ -18,6 +18,8 @@ from melodjinn.world_model.errors import ConfigError
 TARGETS = {
     "codec": "melodjinn.world_model.codec_eval:bench_codec",
     "generation": "melodjinn.world_model.benchmarks:bench_generation",
+    "ppo": "melodjinn.agents.benchmarks:bench_ppo",
+    "env": "melodjinn.envs.benchmarks:bench_env",
     "train": "melodjinn.world_model.benchmarks:bench_train",
 }
 

@@ -39,7 +39,11 @@ COMMANDS: dict[str, Command] = {
     "train-world": Command("melodjinn.world_model.training:train_world", "Jointly train the latent action model and the multi-stream dynamics on a world (out=DIR, resume=true)."),
     "eval-world": Command("melodjinn.world_model.evaluation:eval_world", "Print one JSON line of world-model metrics (action NMI, controllability, delta PSNR, token CE)."),
     "plot-actions": Command("melodjinn.world_model.plotting:plot_actions", "Plot a held-out clip, its LAM actions and the dynamics' re-generation from them (out=FILE.png)."),
-    "bench": Command("melodjinn.cli.bench:bench", "Print benchmark figures as JSON: `melodjinn bench codec`, `bench generation` or `bench train`."),
+    "train-prior": Command("melodjinn.agents.prior_training:train_prior", "Behaviour-clone an action prior (a small Llama over action and section tokens) on a world model's LAM actions (out=DIR)."),
+    "train-agent": Command("melodjinn.agents.ppo:train_agent", "Train a PPO agent (stable-baselines3) on the batched music env: task reward + prior_beta * log prior (out=DIR, resume=true)."),
+    "eval-agent": Command("melodjinn.agents.evaluation:eval_agent", "Print one JSON line: returns of an agent and of random, constant and prior baselines on the same seeds, and its prior log-likelihood."),
+    "play": Command("melodjinn.envs.player:play", "Play the world model live (keys inject actions, a policy drives when idle), or headless=true out=FILE.wav seconds=S."),
+    "bench": Command("melodjinn.cli.bench:bench", "Print benchmark figures as JSON: `melodjinn bench codec`, `bench generation`, `bench train`, `bench env` or `bench ppo`."),
 }
 
 # Commands whose first bare word is a sub-target rather than an override (`melodjinn bench codec`).

@@ -10,9 +10,10 @@ from melodjinn.world_model.world_model import WorldModel
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_drum_world_recipe_discovers_and_obeys_actions(seed, tmp_path):
-    train_world(compose("train-world", [f"out={tmp_path}", f"seed={seed}"]))
+@pytest.mark.parametrize("seed, drums", [(0, 3), (1, 3), (2, 3), (0, 2)])
+def test_drum_world_recipe_discovers_and_obeys_actions(seed, drums, tmp_path):
+    """The default recipe on 3 seeds and on 2 drums (5 drums does not reach the targets yet: see the README)."""
+    train_world(compose("train-world", [f"out={tmp_path}", f"seed={seed}", f"world.num_drums={drums}"]))
     model = WorldModel.load(tmp_path)
     metrics = evaluate(model, model.world, EvalWorldConfig())
     assert metrics["action_nmi"] >= 0.8, metrics

@@ -3,13 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from melodjinn.cli.main import compose
 from melodjinn.world_model.codec import TinyCodec, TinyCodecConfig
 from melodjinn.world_model.drum_world import DrumWorld, DrumWorldConfig
+from melodjinn.world_model.dynamics import DynamicsConfig
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.lam import LAMConfig, LatentActionModel
 from melodjinn.world_model.metrics import normalized_mutual_info
+from melodjinn.world_model.runtime import to_dataclass
 from melodjinn.world_model.training import Trainer, action_targets, train_world
 from melodjinn.world_model.world_model import WorldModel
 
@@ -37,7 +40,7 @@ def test_lam_discovers_drum_actions_aligned_to_the_next_frame():
         loss.backward()
         opt.step()
         if step < 200 and step % 50 == 0:
-            lam.quantizer.restart_dead_codes(out["z"].detach(), 0.0005, out["step_error"])
+            lam.quantizer.restart_dead_codes(out["z"].detach(), 0.0005, out["onset_error"])
     lam.merge_redundant_codes(train_mix[:32])  # as train-world does when it freezes the LAM
     lam.eval()
     actions = lam.infer_actions(held_mix).numpy()  # (N, T-1)
@@ -151,3 +154,26 @@ def test_add_stream_grows_a_trained_model_and_fine_tunes_only_the_new_stream(unt
             f"init={base_dir}", "add_streams=[lead]"]))
     with pytest.raises(ConfigError, match="init"):
         train_world(compose("train-world", _song_overrides(untrained_codec, tmp_path / "bad2", 3, ["drums"]) + ["add_streams=[lead]"]))
+
+
+def test_swapping_two_actions_only_renames_them():
+    """train-world makes 0 the commonest ("nothing new") code by exchanging ids in the LAM and the dynamics at
+    once: the model must behave exactly as before with the two ids renamed."""
+    cfg = compose("train-world", ["out=unused", "world.clip_seconds=0.5"])
+    torch.manual_seed(0)
+    lam_cfg = to_dataclass(LAMConfig, cfg.model.lam, "model.lam")
+    dyn = OmegaConf.to_container(cfg.model.dynamics, resolve=True)
+    dyn.update(streams=["drums"], num_codebooks=4, codebook_size=128, num_actions=lam_cfg.num_actions)
+    model = WorldModel(lam_cfg, to_dataclass(DynamicsConfig, dyn, "model.dynamics"), codec=None).eval()
+    model.lam.quantizer.code_map[5] = 2  # a merge, which the swap must carry along
+    mix = torch.randn(2, 320 * 20) * 0.1
+    tokens = torch.randint(0, 128, (2, 1, 4, 20))
+    actions = torch.randint(0, 8, (2, 20))
+    before_codes = model.infer_actions(mix)
+    before_logits, _ = model.dynamics(tokens, actions, torch.zeros(2, 20, dtype=torch.long))
+    model.swap_actions(0, 2)
+    renamed = lambda x: torch.where(x == 0, 2, torch.where(x == 2, 0, x))  # noqa: E731
+    assert torch.equal(model.infer_actions(mix), renamed(before_codes))
+    after_logits, _ = model.dynamics(tokens, renamed(actions), torch.zeros(2, 20, dtype=torch.long))
+    torch.testing.assert_close(after_logits, before_logits)
+    assert int(model.lam.quantizer.code_map[5]) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -60,6 +61,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def atomic_files(directory: str | os.PathLike, last: str = CONFIG_FILE) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success every file written there is renamed into `directory` (each
+    rename atomic), `last` after all others, so it marks a complete set as `config.json` does for
+    `save_artifact`. For artefacts that other libraries write as several files (`save_pretrained`); files of
+    `directory` that are not rewritten (logs, training state) stay."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".write-", suffix=".tmp", dir=directory))
+    try:
+        yield tmp
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        for name in sorted(names, key=lambda n: n == last):
+            os.chmod(tmp / name, 0o666 & ~_umask())
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from melodjinn.world_model.artifacts import CONFIG_FILE, load_tensors, read_json, save_tensors
 from melodjinn.world_model.codec import HOP, SAMPLE_RATE, TinyCodec, TinyCodecConfig
 from melodjinn.world_model.errors import CheckpointError, ConfigError
+from melodjinn.world_model.optim import lr_at
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
 from melodjinn.world_model.worlds import make_world
 
@@ -187,14 +188,6 @@ def training_batch(world: Any, step: int, recipe: CodecRecipe, seed: int) -> tor
     return torch.from_numpy(np.stack(rows))[:, None]  # (B, 1, crop)
 
 
-def learning_rate(step: int, recipe: CodecRecipe) -> float:
-    if step < recipe.lr_warmup_steps:
-        return recipe.lr * (step + 1) / recipe.lr_warmup_steps
-    progress = (step - recipe.lr_warmup_steps) / max(1, recipe.steps - recipe.lr_warmup_steps)
-    floor = recipe.lr_final_fraction
-    return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 17) % 2**62
 
@@ -336,8 +329,9 @@ def train_codec(cfg: DictConfig) -> dict[str, Any]:
         n_q = None
         if quantize and recipe.quantizer_dropout > 0 and torch.rand(()) < recipe.quantizer_dropout:
             n_q = int(torch.randint(1, recipe.model.num_codebooks + 1, ()))
+        lr = lr_at(step, recipe.lr, recipe.lr_warmup_steps, recipe.steps, recipe.lr_final_fraction)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, recipe)
+            group["lr"] = lr
         y, _, commit = model(x, n_q=n_q, quantize=quantize)
         terms = reconstruction_loss(y, x, recipe.loss)
         loss = terms["reconstruction"] + recipe.loss.commitment * commit
@@ -352,7 +346,7 @@ def train_codec(cfg: DictConfig) -> dict[str, Any]:
         done_steps = step + 1
         if done_steps % recipe.log_every == 0 or done_steps == recipe.steps:
             last = {k: v.item() for k, v in terms.items()} | {"commitment": commit.item(), "loss": loss.item(),
-                                                              "grad_norm": grad_norm.item(), "lr": learning_rate(step, recipe)}
+                                                              "grad_norm": grad_norm.item(), "lr": lr}
             for key, value in last.items():
                 writer.add_scalar(f"train/{key}", value, done_steps)
             writer.add_scalar("train/quantized", float(quantize), done_steps)

@@ -106,10 +106,19 @@ class ActionQuantizer(nn.Module):
         return quantised, codes.view(z.shape[:-1]), loss
 
     @torch.no_grad()
+    def swap_codes(self, a: int, b: int) -> None:
+        """Exchange the labels a and b (codebook rows, usage, merges): the same encodings get swapped codes."""
+        swap = torch.arange(self.codebook.shape[0], device=self.codebook.device)
+        swap[a], swap[b] = b, a
+        self.codebook.data.copy_(self.codebook.data[swap])
+        self.usage.copy_(self.usage[swap])
+        self.code_map.copy_(swap[self.code_map[swap]])  # raw row r now holds old row swap[r]; relabel its target
+
+    @torch.no_grad()
     def restart_dead_codes(self, z: torch.Tensor, threshold: float, error: torch.Tensor | None = None) -> int:
         """Move codes whose usage fell below `threshold` onto encodings from `z` (B, T, D), drawn in proportion
-        to `error` (B, T) when given: the worst-reconstructed steps are the transitions no code explains yet
-        (a uniform draw almost always lands on silence, which already has its code)."""
+        to `error` (B, T) when given (the LAM passes its `onset_error`): the worst-reconstructed onsets are the
+        transitions no code explains yet (a uniform draw almost always lands on silence, which has its code)."""
         dead = torch.nonzero(self.usage < threshold).flatten()
         if len(dead) == 0:
             return 0
@@ -190,16 +199,20 @@ class LatentActionModel(nn.Module):
             # raw MSE is dominated by low-frequency energy (a kick's body); the emphasised copy weighs highs too
             c = self.cfg.preemphasis
             per_step = per_step + self._distance(prediction[..., 1:] - c * prediction[..., :-1], target[..., 1:] - c * target[..., :-1])
-        weight = self.step_weights(patches)
+        rise = energy_rise(patches)
+        weight = 1.0 + self.cfg.onset_weight * rise
         recon = (weight * per_step).sum() / weight.sum()
+        # where dead codes restart: badly reconstructed steps *that start something*. Error alone also points at
+        # the steps after a loud onset (a kick's body, poorly predicted early on); a code seeded there learns
+        # "a kick is ringing", which is no action, and can end up shared with a real hit.
+        onset_error = (rise * weight * per_step).detach()  # its share of the loss, times how much starts there
         return {"actions": actions, "recon_loss": recon, "vq_loss": vq_loss, "z": z, "prediction": prediction,
-                "step_error": (weight * per_step).detach()}
+                "onset_error": onset_error}
 
     def step_weights(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, T, P) patches → (B, T-1) reconstruction weights 1 + onset_weight · (log-energy rise t → t+1).
         The reconstruction loss is their weighted mean; distributed training normalises by the global batch's sum."""
-        energy = patches.pow(2).mean(-1).add(1e-4).log()  # (B, T)
-        return 1.0 + self.cfg.onset_weight * (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
+        return 1.0 + self.cfg.onset_weight * energy_rise(patches)
 
     def _distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # (B, T, P) × 2 → (B, T) mean squared error, or with gain_invariant the error left after the best
@@ -218,7 +231,10 @@ class LatentActionModel(nn.Module):
         The total, not a's own loss, is the yardstick: silence is reconstructed almost perfectly, so any swap
         looks large next to a NOOP code's own loss; a code that explains a transition, even a rare quiet one,
         costs a multiple of the whole loss when removed (measured: redundant codes < 0.1, real ones > 0.8).
-        Greedy, most redundant first; returns the (merged, kept) pairs. `waveform` (B, N) is training audio."""
+        Greedy, most redundant first. A redundant code folds into the commonest code it may join, not the cheapest:
+        the decoder tells codes apart by context, so a "kick still ringing" code costs almost nothing to fold into
+        a hi-hat's code, which would then mean two things; "nothing new" is where redundancy belongs.
+        Returns the (merged, kept) pairs. `waveform` (B, N) is training audio."""
         was_training = self.training
         self.eval()
         patches = self.patches(waveform)
@@ -241,15 +257,19 @@ class LatentActionModel(nn.Module):
         merges = []
         while True:
             total = step_loss(actions).sum().clamp(min=1e-12)
-            best = None
+            best = None  # (the cheapest swap of a, a, the commonest code a can fold into within tolerance)
             used = [int(a) for a in torch.unique(actions)]
+            counts = {a: int((actions == a).sum()) for a in used}
             for a in used:
+                admissible = []
                 for b in used:
                     if a == b:
                         continue
-                    increase = (step_loss(torch.where(actions == a, b, actions)).sum() - total) / total
-                    if increase < tolerance and (best is None or increase < best[0]):
-                        best = (float(increase), a, b)
+                    increase = float((step_loss(torch.where(actions == a, b, actions)).sum() - total) / total)
+                    if increase < tolerance:
+                        admissible.append((increase, b))
+                if admissible and (best is None or min(admissible)[0] < best[0]):
+                    best = (min(admissible)[0], a, max(admissible, key=lambda ib: counts[ib[1]])[1])
             if best is None:
                 break
             _, a, b = best
@@ -263,6 +283,12 @@ class LatentActionModel(nn.Module):
     def infer_actions(self, waveform: torch.Tensor) -> torch.Tensor:
         """(B, N) waveform → (B, T-1) actions, T = N // patch."""
         return self.encode(self.patches(waveform))[1]
+
+
+def energy_rise(patches: torch.Tensor) -> torch.Tensor:
+    """(B, T, P) patches → (B, T-1) log-energy rise from patch t to t+1, clamped at 0: how much starts there."""
+    energy = patches.pow(2).mean(-1).add(1e-4).log()  # (B, T)
+    return (energy[:, 1:] - energy[:, :-1]).clamp(min=0)
 
 
 def _mel_basis(n_fft: int, n_mels: int, sample_rate: int = 24_000) -> torch.Tensor:

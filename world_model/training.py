@@ -44,6 +44,7 @@ from melodjinn.world_model.dynamics import DynamicsConfig, expand_actions
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.lam import LAMConfig, codebook_stats
 from melodjinn.world_model.metrics import normalized_mutual_info
+from melodjinn.world_model.optim import load_optimizer_state, lr_at, optimizer_state
 from melodjinn.world_model.runtime import autocast, autocast_dtype, maybe_compile, seed_everything, to_dataclass
 from melodjinn.world_model.world_data import WorldTensors, cached_world_tensors
 from melodjinn.world_model.world_model import WorldModel
@@ -69,7 +70,7 @@ class TrainWorldConfig:
     restart_every: int = 50  # dead-code restart period (steps) ...
     restart_until: int = 600  # ... only before this step: late restarts split NOOP and codes flip
     dead_code_threshold: float = 0.0005  # EMA usage share below which a code counts as dead
-    freeze_lam_at: int = 500  # freeze the LAM at this step at the latest (0 = never); codes drift and split if it trains on
+    freeze_lam_at: int = 1000  # freeze the LAM at this step at the latest (0 = never); codes drift and split if it trains on
     freeze_when_settled: bool = False  # ... or earlier, once its codes stop changing (checked after restart_until)
     settle_every: int = 50  # steps between code-stability checks on a fixed probe of train clips
     settle_threshold: float = 0.003  # codes count as settled when less than this share of probe steps changed code
@@ -82,32 +83,6 @@ class TrainWorldConfig:
     eval_every: int = 250  # held-out NMI / cross-entropy period (steps)
     checkpoint_every: int = 500  # atomic checkpoint period (steps)
     new_streams_only: bool = False  # with init= and add_streams=: train only the added streams' embeddings and heads
-
-
-def _lr_at(step: int, cfg: TrainWorldConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0))))
-
-
-def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    flat = {}
-    for idx, state in opt.state_dict()["state"].items():
-        for name, value in state.items():
-            flat[f"opt.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return flat
-
-
-def _load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    state_dict = opt.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    state_dict["state"] = state
-    opt.load_state_dict(state_dict)
 
 
 class Trainer:
@@ -154,6 +129,7 @@ class Trainer:
         self.frozen_actions: torch.Tensor | None = None  # (N, T) per-frame actions once the LAM is frozen
         self.history: list[dict] = []
         self.merges: list[tuple[int, int]] = []
+        self.swapped_actions: tuple[int, int] | None = None  # (0, the commonest code) exchanged at freeze
         self.frozen_at: int | None = 0 if self.init else None  # step at which the LAM froze early (a grown model's from the start)
         self.last_probe: torch.Tensor | None = None
         self.settled_checks = 0
@@ -166,8 +142,8 @@ class Trainer:
         if self.dist.is_main:
             extra = {"train": asdict(self.train_cfg), "resolved_config": OmegaConf.to_container(self.cfg, resolve=True),
                      "step": self.step, "lam_frozen_at": self.frozen_at, "merged_codes": self.merges,
-                     "processes": self.dist.world_size}
-            state = {**_optimizer_state(self.opt), "rng.batches": self.batches.get_state(), "rng.torch": torch.get_rng_state(),
+                     "swapped_actions": self.swapped_actions, "processes": self.dist.world_size}
+            state = {**optimizer_state(self.opt), "rng.batches": self.batches.get_state(), "rng.torch": torch.get_rng_state(),
                      "step": torch.tensor(self.step), "settle.checks": torch.tensor(self.settled_checks)}
             if self.device.type == "cuda":
                 state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -195,7 +171,7 @@ class Trainer:
         self.model.lam.load_state_dict(loaded.lam.state_dict())
         self.model.dynamics.load_state_dict(loaded.dynamics.state_dict())
         self.model.lam.quantizer.usage.copy_(loaded.lam.quantizer.usage)
-        _load_optimizer_state(self.opt, state)
+        load_optimizer_state(self.opt, state)
         self.batches.set_state(state["rng.batches"])
         torch.set_rng_state(state["rng.torch"])
         if "rng.cuda" in state and self.device.type == "cuda":
@@ -205,6 +181,8 @@ class Trainer:
         self.settled_checks = int(state["settle.checks"])
         self.last_probe = state["settle.probe"].to(self.device) if "settle.probe" in state else None
         self.merges = [tuple(m) for m in meta.get("merged_codes", [])]
+        swapped = meta.get("swapped_actions")
+        self.swapped_actions = tuple(swapped) if swapped else None
         progress = self.out / PROGRESS_FILE
         self.history = read_json(progress)["history"] if progress.exists() else []
         return True
@@ -236,14 +214,28 @@ class Trainer:
             probe = self.train_data.mix[: self.train_cfg.merge_clips].to(self.device)
             self.merges += lam.merge_redundant_codes(probe, self.train_cfg.merge_tolerance)
         chunks = [lam.infer_actions(self.train_data.mix[i : i + 64].to(self.device)) for i in range(0, len(self.train_data), 64)]
+        commonest = int(torch.cat(chunks).flatten().bincount().argmax())
+        # DESIGN §7: action 0 is "nothing new" (the commonest transition: silence, decay, holding on); a grown model
+        # keeps its base's action ids, fixed when that LAM froze
+        if commonest != 0 and not self.init:
+            self._swap_actions(0, commonest)
+            chunks = [torch.where(c == 0, commonest, torch.where(c == commonest, 0, c)) for c in chunks]
         T = self.train_data.tokens.shape[-1]
         self.frozen_actions = self.model.frame_actions(torch.cat(chunks), T).cpu()
+
+    def _swap_actions(self, a: int, b: int) -> None:
+        self.model.swap_actions(a, b)
+        self.swapped_actions = (a, b)
+        embed = self.model.dynamics.action_embed.weight  # its Adam moments follow the rows they belong to
+        for moment in self.opt.state.get(embed, {}).values():
+            if torch.is_tensor(moment) and moment.shape == embed.shape:
+                moment[[a, b]] = moment[[b, a]]
 
     def train_step(self) -> dict[str, float]:
         t, model = self.train_cfg, self.model
         if self.lam_frozen and self.frozen_actions is None:
             self._freeze_lam()
-        lr = _lr_at(self.step, t)
+        lr = lr_at(self.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in self.opt.param_groups:
             group["lr"] = lr
         index = self.sampler.global_batch()  # (B,) the global batch, the same on every rank
@@ -305,14 +297,14 @@ class Trainer:
                         loss = loss + t.recon_scale * recon + vq
                         sums["recon"] += recon.detach()
                         sums["vq"] += vq.detach()
-                        for key in ("z", "step_error", "actions"):
+                        for key in ("z", "onset_error", "actions"):
                             gathered[key].append(out[key].detach())
                     loss.backward()
         logs = mean_over_ranks({k: float(v) for k, v in sums.items()}, device)
         logs["loss"] = t.recon_scale * logs.get("recon", 0.0) + logs.get("vq", 0.0) + logs["dynamics_ce"]
         if frozen_actions is not None:
             return logs, None
-        z, error, actions = (all_gather_cat(torch.cat(gathered[k])) for k in ("z", "step_error", "actions"))
+        z, error, actions = (all_gather_cat(torch.cat(gathered[k])) for k in ("z", "onset_error", "actions"))
         logs.update({f"codebook_{k}": v for k, v in codebook_stats(actions, self.model.num_actions).items()})
         return logs, (z.float(), error.float())
 
@@ -441,7 +433,8 @@ def _train(trainer: Trainer, out: Path, resume: bool) -> dict:
             trainer.save()
     bar.close()
     summary = {"out": str(out), "steps": trainer.step, "seconds": round(time.time() - start, 1), "processes": trainer.dist.world_size,
-               "lam_frozen_at": t.freeze_lam_at if trainer.frozen_at is None else trainer.frozen_at, "merged_codes": trainer.merges, **metrics}
+               "lam_frozen_at": t.freeze_lam_at if trainer.frozen_at is None else trainer.frozen_at, "merged_codes": trainer.merges,
+               "swapped_actions": trainer.swapped_actions, **metrics}
     if main:
         writer.close()
         print(json.dumps(summary))

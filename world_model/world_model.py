@@ -63,6 +63,14 @@ class WorldModel(nn.Module):
         """(B, N) mixture → (B, J) LAM actions, one per `stride` frames (J = N // (HOP·stride) − 1)."""
         return self.lam.infer_actions(mix)
 
+    @torch.no_grad()
+    def swap_actions(self, a: int, b: int) -> None:
+        """Exchange the action ids a and b in the LAM and the dynamics together: the model behaves exactly as
+        before with the two ids renamed (train-world uses it to make 0 the "nothing new" action)."""
+        self.lam.quantizer.swap_codes(a, b)
+        weight = self.dynamics.action_embed.weight
+        weight.data[[a, b]] = weight.data[[b, a]]
+
     def frame_actions(self, actions: torch.Tensor, num_frames: int) -> torch.Tensor:
         """(B, J) LAM actions → (B, T) per-frame actions for the dynamics (null where no action applies)."""
         return expand_actions(actions, self.stride, num_frames, self.null_action)
