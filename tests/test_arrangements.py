@@ -251,6 +251,24 @@ def test_adding_a_stream_keeps_existing_positions() -> None:
     assert torch.equal(b.restore(b.arrange(x)), x)
 
 
+def test_stream_lag_staggers_streams_and_places_added_streams_after_the_last() -> None:
+    K = 2
+    a = MultiStreamArrangement(3, K, codebook_size=5, stream_lag=1)
+    assert a.delays == ((0, 1), (1, 2), (2, 3))
+    assert a.delays == MultiStreamArrangement(3, K, codebook_size=5, stream_offsets=[0, 1, 2]).delays
+    grown = MultiStreamArrangement(1, K, codebook_size=5, stream_lag=2).with_added_stream()
+    assert grown.delays == ((0, 1), (2, 3)) and grown.stream_lag == 2
+    # the lag survives a save/load round trip, so a stored model grows the same way
+    stored = make_arrangement(**json.loads(json.dumps(grown.config())))
+    assert stored == grown and stored.with_added_stream().delays[-1] == (4, 5)
+    # stream s's frame t is predicted one position after stream s-1's: it sees that frame in its context
+    x = torch.randint(0, 5, (1, 3, K, 4), generator=torch.Generator().manual_seed(5))
+    seq = a.arrange(x)
+    for s in range(1, 3):
+        assert torch.equal(seq.frame_ids[s, 0, 1:], seq.frame_ids[s - 1, 0, :-1])
+    assert torch.equal(a.restore(seq), x)
+
+
 def test_integer_input_of_other_width_is_accepted_and_returned_as_int64() -> None:
     x = torch.randint(0, 7, (1, 2, 2, 3), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
     a = make_arrangement("delay", 2, 2, codebook_size=7)
@@ -362,6 +380,7 @@ def test_docstring_diagrams_match_the_code(doc: str, arrangement: Arrangement, T
         ("multistream", {}),
         ("multistream", {"stream_offsets": [1, 0]}),
         ("multistream", {"delays": [[0, 0, 1], [2, 1, 0]]}),
+        ("multistream", {"stream_lag": 1}),
     ],
 )
 def test_config_rebuilds_an_equal_arrangement(name: str, opts: dict) -> None:
@@ -442,6 +461,8 @@ def test_bad_token_values_and_types(name: str) -> None:
         ("multistream", {"stream_offsets": [0, 1.5]}, r"stream_offsets\[1\] must be an integer, got 1.5"),
         ("multistream", {"stream_offsets": 2}, r"stream_offsets must be a list of 2 integers"),
         ("multistream", {"delays": [[0, 1, 2]] * 2, "stream_offsets": [0, 1]}, r"either delays .* not both"),
+        ("multistream", {"stream_offsets": [0, 1], "stream_lag": 1}, r"either stream_offsets or stream_lag"),
+        ("multistream", {"stream_lag": -1}, r"stream_lag must be >= 0"),
     ],
 )
 def test_bad_delays(name: str, opts: dict, message: str) -> None:

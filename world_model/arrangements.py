@@ -706,6 +706,10 @@ class MultiStreamArrangement(_DelayedArrangement):
         s1 k0     .  .  0  1  2  .
         s1 k1     .  .  .  0  1  2
 
+    `stream_lag=n` gives stream s the offset s·n: each stream is predicted n frames after the one before it, so it
+    sees their current frame (a bass line can land on the kick the drums just played) while every stream is still
+    predicted in the one pass per frame; streams added later continue the pattern.
+
     Every forward pass predicts a token for every stream (one pass per frame, not one per stream); adding a
     stream (`with_added_stream`) leaves the existing streams' positions unchanged. `codebook_delays=(0,) * K`
     gives the parallel pattern: every token of a frame in one pass, L = T (+ stream offsets).
@@ -722,11 +726,17 @@ class MultiStreamArrangement(_DelayedArrangement):
         codebook_size: int,
         codebook_delays: Sequence[int] | None = None,
         stream_offsets: Sequence[int] | None = None,
+        stream_lag: int = 0,
         delays: Sequence[Sequence[int]] | None = None,
     ) -> None:
         S = _positive_int(num_streams, "num_streams")
         K = _positive_int(num_codebooks, "num_codebooks")
-        if delays is not None:
+        self.stream_lag = _as_int(stream_lag, "stream_lag")
+        if self.stream_lag < 0:
+            raise ArrangementError(f"stream_lag must be >= 0 (frames between consecutive streams), got {stream_lag}")
+        if stream_offsets is not None and self.stream_lag:
+            raise ArrangementError("multistream: give either stream_offsets or stream_lag, not both")
+        if delays is not None:  # a stored arrangement: the matrix is explicit, stream_lag only places added streams
             if codebook_delays is not None or stream_offsets is not None:
                 raise ArrangementError(
                     "multistream: give either delays (a full [S][K] matrix) or codebook_delays/stream_offsets, not both"
@@ -736,20 +746,32 @@ class MultiStreamArrangement(_DelayedArrangement):
             cd = list(range(K))
             if codebook_delays is not None:
                 cd = _delay_list(codebook_delays, K, "codebook_delays", "codebook")
-            so = [0] * S if stream_offsets is None else _delay_list(stream_offsets, S, "stream_offsets", "stream")
+            so = [s * self.stream_lag for s in range(S)]
+            if stream_offsets is not None:
+                so = _delay_list(stream_offsets, S, "stream_offsets", "stream")
             matrix = [[so[s] + cd[k] for k in range(K)] for s in range(S)]
         super().__init__(S, K, codebook_size=codebook_size, delays=matrix)
 
     def options(self) -> dict[str, Any]:
-        return {"delays": [list(row) for row in self.delays]}
+        opts: dict[str, Any] = {"delays": [list(row) for row in self.delays]}
+        if self.stream_lag:
+            opts["stream_lag"] = self.stream_lag
+        return opts
 
     def with_added_stream(self, delays: Sequence[int] | None = None) -> MultiStreamArrangement:
-        """The arrangement with one more stream (last), whose codebook delays are `delays` (default 0..K-1);
-        the existing streams keep their delays, hence their positions."""
+        """The arrangement with one more stream (last), whose codebook delays are `delays` (default: the last
+        stream's delays plus `stream_lag`; 0..K-1 without a lag); the existing streams keep their delays, hence
+        their positions."""
         K = self.num_codebooks
-        row = list(range(K)) if delays is None else _delay_list(delays, K, "delays", "codebook")
+        if delays is not None:
+            row = _delay_list(delays, K, "delays", "codebook")
+        elif self.stream_lag:
+            row = [d + self.stream_lag for d in self.delays[-1]]
+        else:
+            row = list(range(K))
         return MultiStreamArrangement(
-            self.num_streams + 1, K, codebook_size=self.codebook_size, delays=[*map(list, self.delays), row]
+            self.num_streams + 1, K, codebook_size=self.codebook_size, delays=[*map(list, self.delays), row],
+            stream_lag=self.stream_lag,
         )
 
     def _to_layout(self, x: Tensor) -> Tensor:
@@ -778,7 +800,7 @@ ARRANGEMENTS: dict[str, type[Arrangement]] = {
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "flatten": (),
     "delay": ("codebook_delays",),
-    "multistream": ("codebook_delays", "stream_offsets", "delays"),
+    "multistream": ("codebook_delays", "stream_offsets", "stream_lag", "delays"),
 }
 
 
@@ -786,7 +808,7 @@ def make_arrangement(
     name: str, num_streams: int, num_codebooks: int, *, codebook_size: int, **opts: Any
 ) -> Arrangement:
     """Build an arrangement by name (`flatten`, `delay`, `multistream`); `opts` are its options:
-    delay: codebook_delays; multistream: codebook_delays, stream_offsets or delays. Inverse of `config()`."""
+    delay: codebook_delays; multistream: codebook_delays, stream_offsets or stream_lag, or delays. Inverse of `config()`."""
     if name not in ARRANGEMENTS:
         raise ArrangementError(f"unknown arrangement {name!r}; choose one of: {', '.join(ARRANGEMENTS)}")
     unknown = sorted(set(opts) - set(_OPTIONS[name]))

@@ -76,7 +76,7 @@ class DynamicsConfig:
     num_codebooks: int = 4  # K codebooks per stream (the codec's)
     codebook_size: int = 1024  # V token values per codebook; the special id V is added on top
     arrangement: str = "multistream"  # flatten | delay | multistream (see arrangements.py)
-    arrangement_options: Dict[str, Any] = field(default_factory=dict)  # its options (codebook_delays, stream_offsets, delays)
+    arrangement_options: Dict[str, Any] = field(default_factory=dict)  # its options (codebook_delays, stream_offsets, stream_lag, delays)
     dim: int = 128  # transformer width C (tiny CPU default)
     layers: int = 3  # transformer blocks (3: the real-time budget at batch 1 on one CPU thread)
     heads: int = 4  # attention heads
