@@ -36,6 +36,7 @@ steps position by position with the KV cache, in a frame-aligned token buffer.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import time
 from collections import OrderedDict
@@ -718,7 +719,8 @@ class DynamicsSession:
         # per-position rows as Python lists of views: the step loop indexes lists, not tensors
         self.src_rows, self.dst_rows = list(tab.src.unbind(0)), list(tab.dst.unbind(0))
         self.base_rows = list(tab.row_base.unbind(0))
-        self.temp_rows = list(self.temp_tab[:, :, None].unbind(0))  # (N, 1) each
+        # (N, 1) each; None when every temperature is 1 (dividing by 1 changes nothing, so skip the op)
+        self.temp_rows = None if bool((self.temperature == 1).all()) else list(self.temp_tab[:, :, None].unbind(0))
         self.step_idx = torch.empty(Bx, tab.N + self.E, dtype=torch.long, device=device)  # one step's bag indices
         self.step_offsets = torch.arange(Bx, device=device) * (tab.N + self.E)  # one bag per sequence
         self.any_greedy = bool((self.temperature == 0).any())
@@ -819,7 +821,12 @@ class DynamicsSession:
                 shift = self._rollover()
                 target -= shift
                 start = self.frames
-            self._run(self.positions, a, s)
+            if self.tab.cond_list[self.positions] >= self.cond_fixed:
+                # the step's values hold for every frame it starts: fix them once for all its positions, not
+                # once per position (the last one runs just before `target` frames are complete)
+                last = min(bisect.bisect_left(self.tab.complete, target), self.limit) - 1
+                self._fix_conditioning(self.tab.cond_list[last], a, s)
+            self._run(self.positions)
             self.frames = max(self.known, self.tab.complete[self.positions])
         chunks.append(self.grid[..., start:target].clone())
         return torch.cat(chunks, -1) if len(chunks) > 1 else chunks[0]
@@ -906,13 +913,11 @@ class DynamicsSession:
         idx[:, N:] = self.cond_rows[:, f]
         return torch.embedding_bag(self.table, idx.view(-1), self.step_offsets, False, 0)[0]  # mode 0 = sum
 
-    def _run(self, p: int, actions: Optional[Tensor], sections: Optional[Tensor]) -> None:
+    def _run(self, p: int) -> None:
+        # run position p, whose frame's conditioning is fixed, and sample its tokens
         tab, B = self.tab, self.B
-        f = tab.cond_list[p]
-        if f >= self.cond_fixed:
-            self._fix_conditioning(f, actions, sections)
         if self.use_cache:
-            h = self.decoder.step(self._step_input(p, f), self.cache)  # (Bx, C)
+            h = self.decoder.step(self._step_input(p, tab.cond_list[p]), self.cache)  # (Bx, C)
         else:  # recompute the whole prefix (the KV-cache benchmark's baseline)
             h = self.model.transformer(self._inputs(0, p + 1))[:, -1]
         if tab.identity_heads:
@@ -942,7 +947,7 @@ class DynamicsSession:
             return logits.argmax(-1)
         B, N, V = logits.shape
         u = self._uniforms(B, N, logits.device)  # (B, N)
-        x = logits / self.temp_rows[p]
+        x = logits if self.temp_rows is None else logits / self.temp_rows[p]
         if self.filtering:
             x, order = x.sort(-1, descending=True)
             probs = x.softmax(-1)
