@@ -201,7 +201,6 @@ class StepDecoder:
         C, H = cfg.dim, cfg.heads
         D = C // H
         self.dim, self.heads, self.head_dim = C, H, D
-        self.rotary = model.rotary
         root = math.sqrt(C)  # rms(x) = ||x|| / sqrt(C): scale = sqrt(C) / sqrt(||x||² + C·eps), sqrt(C) folded in
         param = model.norm.weight
         self.eps_c = torch.tensor(C * model.norm.eps, dtype=param.dtype, device=param.device)  # a tensor: no scalar wrap per op
@@ -216,6 +215,7 @@ class StepDecoder:
                     block.mlp.down.weight.t().contiguous(),
                 ))
             self.final = (model.norm.weight * root).detach().clone()
+            self.rotations = torch.view_as_complex(model.rotary.cis.float().contiguous())  # (P, D/2) per position
         self._views: tuple | None = None
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -231,7 +231,10 @@ class StepDecoder:
         if self._views is None or self._views[0] is not cache:  # (B·H)-batched views of the cache, made once
             self._views = (cache, [k.view(B * H, D, -1) for k in cache.keys], [v.view(B * H, -1, D) for v in cache.values])
         _, keys, values = self._views
-        f = self.rotary.factors(pos, 1)[0]  # (D/2,) complex
+        if pos >= self.rotations.shape[0]:
+            raise ValueError(f"sequence of {pos + 1} positions exceeds max_positions={self.rotations.shape[0]}; "
+                             "raise model.max_positions")
+        f = self.rotations[pos]  # (D/2,) complex
         end, eps, norm = pos + 1, self.eps_c, torch.linalg.vector_norm
         for (wqkv, wo, wgu, wd), k_cache, v_cache in zip(self.layers, keys, values):
             scale = norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()  # (B, 1): the RMSNorm
