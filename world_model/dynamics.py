@@ -716,12 +716,14 @@ class DynamicsSession:
             self.generators = list(generator)
             if len(self.generators) != B or not all(isinstance(g, torch.Generator) for g in self.generators):
                 raise DynamicsError(f"generator must be a torch.Generator or a list of B={B} of them")
+            self.uniforms = torch.empty(B, tab.N, device=device)  # each row drawn in place from its generator
         # per-position rows as Python lists of views: the step loop indexes lists, not tensors
         self.src_rows, self.dst_rows = list(tab.src.unbind(0)), list(tab.dst.unbind(0))
         self.base_rows = list(tab.row_base.unbind(0))
         # (N, 1) each; None when every temperature is 1 (dividing by 1 changes nothing, so skip the op)
         self.temp_rows = None if bool((self.temperature == 1).all()) else list(self.temp_tab[:, :, None].unbind(0))
         self.step_idx = torch.empty(Bx, tab.N + self.E, dtype=torch.long, device=device)  # one step's bag indices
+        self.step_tokens, self.step_cond = self.step_idx[:B, : tab.N], self.step_idx[:, tab.N :]
         self.step_offsets = torch.arange(Bx, device=device) * (tab.N + self.E)  # one bag per sequence
         self.any_greedy = bool((self.temperature == 0).any())
         self.use_cache = use_cache
@@ -837,7 +839,8 @@ class DynamicsSession:
         if isinstance(x, str):
             x = section_ids(x, 1, 1)[0, 0]
         x = torch.as_tensor(x, device=self.buf.device).long().reshape(-1).expand(self.B)
-        if int(x.min()) < 0 or int(x.max()) >= limit:
+        lo, hi = torch.aminmax(x)
+        if int(lo) < 0 or int(hi) >= limit:
             raise DynamicsError(f"{what} must lie in [0, {limit}), got {x.tolist()}")
         return x
 
@@ -906,11 +909,10 @@ class DynamicsSession:
         if p == 0:
             idx[:, :N] = self.start_rows
         else:
-            tok = self.buf.index_select(1, self.src_rows[p - 1]).add_(self.base_rows[p - 1])  # (B, N)
-            idx[:B, :N] = tok
+            torch.add(self.buf.index_select(1, self.src_rows[p - 1]), self.base_rows[p - 1], out=self.step_tokens)
             if self.guided:
-                idx[B:, :N] = tok
-        idx[:, N:] = self.cond_rows[:, f]
+                idx[B:, :N] = self.step_tokens
+        self.step_cond.copy_(self.cond_rows[:, f])
         return torch.embedding_bag(self.table, idx.view(-1), self.step_offsets, False, 0)[0]  # mode 0 = sum
 
     def _run(self, p: int) -> None:
@@ -955,7 +957,7 @@ class DynamicsSession:
             keep = (torch.arange(V, device=x.device) < self.topk_tab[p][:, None]) & (before < self.topp_tab[p][:, None])
             x = x.masked_fill(~keep, float("-inf"))
         cdf = x.softmax(-1).cumsum_(-1)  # (B, N, V)
-        j = torch.searchsorted(cdf, u.unsqueeze_(-1).mul_(cdf[..., -1:])).squeeze_(-1).clamp_(max=V - 1)  # (B, N)
+        j = torch.searchsorted(cdf, u[..., None] * cdf[..., -1:]).squeeze_(-1).clamp_(max=V - 1)  # (B, N)
         tokens = order.gather(-1, j[..., None])[..., 0] if self.filtering else j
         if self.any_greedy:
             tokens = torch.where(self.greedy_tab[p], logits.argmax(-1), tokens)
@@ -964,7 +966,9 @@ class DynamicsSession:
     def _uniforms(self, B: int, N: int, device) -> Tensor:
         g = self.generators
         if isinstance(g, list):
-            return torch.stack([torch.rand(N, generator=gi, device=device) for gi in g])
+            for row, gi in zip(self.uniforms, g):
+                torch.rand(N, generator=gi, out=row)
+            return self.uniforms
         return torch.rand(B, N, generator=g, device=device)
 
     def _rollover(self) -> int:
