@@ -98,7 +98,7 @@ class _CausalConvTranspose:
     """A causal transposed convolution with kernel 2·stride, (B, Cin, T) → (B, Cout, T·s), trimmed on the right
     as the whole decode trims it. Input frame t writes 2·s samples: the first s are output block t, the last s add
     to block t+1. So the layer is one matmul and one shifted add; the chunk's last frame's overlap is carried to
-    the next chunk (zeros before the first)."""
+    the next chunk."""
 
     def __init__(self, layer: nn.Module):
         conv = layer.convtr.convtr
@@ -119,13 +119,13 @@ class _CausalConvTranspose:
         s = self.stride
         # time-major product (T rows): at few frames and many output columns it is the faster orientation
         y = torch.baddbmm(self.bias, x.transpose(1, 2), self.weight.expand(B, -1, -1)).view(B, T, 2, s, -1)
+        own, overlap = y[:, :, 0], y[:, :, 1]  # (B, T, s, Cout): frame t's block, and its part of block t + 1
         carry = state.get(self)
-        if carry is None:
-            carry = y.new_zeros(B, 1, s, y.shape[-1])
-        state[self] = y[:, -1:, 1]
-        out = y.new_empty(B, y.shape[-1], T, s)
-        torch.add(y[:, :, 0], torch.cat([carry, y[:, :-1, 1]], 1), out=out.permute(0, 2, 3, 1))  # (B, T, s, Cout)
-        return out.view(B, -1, T * s)
+        if carry is not None:
+            own[:, 0] += carry
+        own[:, 1:] += overlap[:, :-1]
+        state[self] = overlap[:, -1]
+        return own.permute(0, 3, 1, 2).reshape(B, -1, T * s)  # (B, Cout, T·s)
 
 
 class _LSTM:
