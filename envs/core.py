@@ -314,11 +314,9 @@ class MusicBatch:
             raise EnvError(f"the episode ended after max_steps={self.cfg.max_steps}; call reset()")
         actions = self.check_actions(actions)
         a = torch.as_tensor(actions, device=self.device)
-        F = self.cfg.frames_per_step
-        new = self.session.step(a, num_frames=1)
-        if F > 1:
-            rest = self.session.step(a if self.cfg.action_hold == "all" else self.rest, num_frames=F - 1)
-            new = torch.cat([new, rest], -1)
+        if self.cfg.action_hold == "first":  # per started frame: the action, then the rest code (the last column repeats)
+            a = torch.stack([a, self.rest], 1)
+        new = self.session.step(a, num_frames=self.cfg.frames_per_step)
         self.steps += 1
         self.past_actions[:, :-1] = self.past_actions[:, 1:]  # oldest out, newest in
         self.past_actions[:, -1] = actions

@@ -807,16 +807,18 @@ class DynamicsSession:
     @torch.inference_mode()
     def step(self, actions: Any = None, sections: Any = None, num_frames: int = 1) -> Tensor:
         """Generate until `num_frames` more frames are complete; returns them (B, S, K, num_frames).
-        actions: (B,) ids in [0, A] (A = null) or an int, for the frames this step starts; None = preset / null.
-        sections: (B,) ids, an int or a name, likewise; None = preset / the previous frame's section."""
+        actions: (B,) ids in [0, A] (A = null) or an int, for the frames this step starts; or (B, n), column i
+        for the i-th frame it starts (the last column for any after the n-th); None = preset / null.
+        sections: (B,) ids, an int or a name, for the frames this step starts; None = preset / the previous
+        frame's section."""
         if not isinstance(num_frames, int) or num_frames < 0:
             raise DynamicsError(f"num_frames must be an int >= 0, got {num_frames!r}")
-        a = self._step_values(actions, self.model.cfg.num_actions + 1, "actions")
+        a = self._step_values(actions, self.model.cfg.num_actions + 1, "actions", per_frame=True)
         s = self._step_values(sections, self.model.cfg.num_sections, "sections")
         target = self.frames + num_frames
         if self.bounded and target > self.Tbuf:
             raise DynamicsError(f"the session ends at {self.Tbuf} frames; {self.frames} done, {num_frames} asked")
-        chunks, start = [], self.frames
+        chunks, start, started = [], self.frames, 0  # started: frames this step has fixed the conditioning of
         while self.frames < target:
             if self.positions >= self.limit:
                 chunks.append(self.grid[..., start : self.frames].clone())
@@ -827,31 +829,42 @@ class DynamicsSession:
                 # the step's values hold for every frame it starts: fix them once for all its positions, not
                 # once per position (the last one runs just before `target` frames are complete)
                 last = min(bisect.bisect_left(self.tab.complete, target), self.limit) - 1
-                self._fix_conditioning(self.tab.cond_list[last], a, s)
+                started += self._fix_conditioning(self.tab.cond_list[last], a, s, started)
             self._run(self.positions)
             self.frames = max(self.known, self.tab.complete[self.positions])
         chunks.append(self.grid[..., start:target].clone())
         return torch.cat(chunks, -1) if len(chunks) > 1 else chunks[0]
 
-    def _step_values(self, x, limit: int, what: str) -> Optional[Tensor]:
+    def _step_values(self, x, limit: int, what: str, per_frame: bool = False) -> Optional[Tensor]:
+        # → (B,) values, or (B, n) per started frame where `per_frame` allows them
         if x is None:
             return None
         if isinstance(x, str):
             x = section_ids(x, 1, 1)[0, 0]
-        x = torch.as_tensor(x, device=self.buf.device).long().reshape(-1).expand(self.B)
+        x = torch.as_tensor(x, device=self.buf.device).long()
+        if not (per_frame and x.dim() == 2 and x.shape[0] == self.B and x.shape[1] > 0):
+            if x.numel() not in (1, self.B):
+                raise DynamicsError(f"{what} must be one value, (B={self.B},)" + (" or (B, frames)" if per_frame else "")
+                                    + f", got shape {tuple(x.shape)}")
+            x = x.reshape(-1).expand(self.B)
         lo, hi = torch.aminmax(x)
         if int(lo) < 0 or int(hi) >= limit:
             raise DynamicsError(f"{what} must lie in [0, {limit}), got {x.tolist()}")
         return x
 
-    def _fix_conditioning(self, upto: int, actions: Optional[Tensor], sections: Optional[Tensor]) -> None:
-        # fix frames cond_fixed..upto: the step's values where given, else the preset ones, else null / previous
+    def _fix_conditioning(self, upto: int, actions: Optional[Tensor], sections: Optional[Tensor], column: int = 0) -> int:
+        # fix frames cond_fixed..upto: the step's values where given, else the preset ones, else null / previous.
+        # Per-frame actions (B, n): frame cond_fixed takes column `column`, the next ones the following columns.
+        # Returns how many frames it fixed.
         g0, g1 = self.cond_fixed, upto + 1
         if g1 <= g0:  # already fixed (a rebuilt cache re-reads fixed frames)
-            return
+            return 0
         lo = max(g0 - 1, 0)  # act[:, lo : g1-1] conditions frames max(g0, 1)..g1-1
         if g1 - 1 > lo:
-            if actions is not None:
+            if actions is not None and actions.dim() == 2:
+                columns = torch.arange(lo + 1 - g0 + column, g1 - g0 + column, device=actions.device)
+                self.act[:, lo : g1 - 1] = actions[:, columns.clamp_(max=actions.shape[1] - 1)]
+            elif actions is not None:
                 self.act[:, lo : g1 - 1] = actions[:, None]
             elif g1 - 1 > self.act_preset:
                 self.act[:, max(lo, self.act_preset) : g1 - 1] = self.model.null_action
@@ -862,6 +875,7 @@ class DynamicsSession:
                 self.sec[:, g] = self.sec[:, g - 1] if g > 0 else 0
         self._write_cond_rows(g0, g1)
         self.cond_fixed = g1
+        return g1 - g0
 
     def _write_cond_rows(self, g0: int, g1: int) -> None:
         rows, B, cond = self.rows, self.B, self.cond_rows
