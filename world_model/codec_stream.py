@@ -40,7 +40,7 @@ class StreamingDecoder:
         self.codec = codec
         with torch.no_grad():
             self.ops = _flatten(codec.decoder.model)
-            # the residual VQ's codebooks (projected) as one table: a frame's latent is one embedding_bag sum
+            # the residual VQ's codebooks (projected) as one table: a frame's latent is the sum of K rows
             layers = codec.quantizer.vq.layers
             self.codebooks = torch.cat([layer.project_out(layer._codebook.embed) for layer in layers])  # (K·V, D)
             self.offsets = (torch.arange(len(layers), device=codec.device) * codec.codebook_size).view(1, -1, 1)
@@ -57,9 +57,7 @@ class StreamingDecoder:
         codes = _check_codes(codes, codec.num_codebooks, codec.codebook_size, codec.device)
         if codes.shape[-1] == 0:
             return torch.zeros(codes.shape[0], 1, 0, device=codec.device)
-        B, K, T = codes.shape
-        rows = (codes + self.offsets).transpose(1, 2).reshape(B * T, K)
-        x = F.embedding_bag(rows, self.codebooks, mode="sum").view(B, T, -1).transpose(1, 2)  # (B, D, T)
+        x = self.codebooks[codes + self.offsets].sum(1).transpose(1, 2)  # (B, K, T, D) → (B, D, T)
         return _run(self.ops, x, self.state) / codec.config.input_gain
 
 
