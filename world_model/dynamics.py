@@ -844,8 +844,8 @@ class DynamicsSession:
         x = torch.as_tensor(x, device=self.buf.device).long()
         if not (per_frame and x.dim() == 2 and x.shape[0] == self.B and x.shape[1] > 0):
             if x.numel() not in (1, self.B):
-                raise DynamicsError(f"{what} must be one value, (B={self.B},)" + (" or (B, frames)" if per_frame else "")
-                                    + f", got shape {tuple(x.shape)}")
+                shapes = f"one value or (B={self.B},)" + (" or (B, frames)" if per_frame else "")
+                raise DynamicsError(f"{what} must be {shapes}, got shape {tuple(x.shape)}")
             x = x.reshape(-1).expand(self.B)
         lo, hi = torch.aminmax(x)
         if int(lo) < 0 or int(hi) >= limit:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -218,7 +219,7 @@ class StepDecoder:
                 ))
             self.final = (model.norm.weight * root).detach().clone()
             self.rotations = torch.view_as_complex(model.rotary.cis.float().contiguous())  # (P, D/2) per position
-        self._views: tuple | None = None
+        self._buffers: _StepBuffers | None = None
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         # x: (B, C) embeddings of one new position per sequence → (B, C) normalised states; the cache advances.
@@ -226,13 +227,12 @@ class StepDecoder:
         if not torch.is_inference_mode_enabled():
             with torch.inference_mode():
                 return self.step(x, cache)
-        B, C, H, D = x.shape[0], self.dim, self.heads, self.head_dim
         pos = cache.length
         if pos + 1 > cache.capacity:
             raise ValueError(f"KV cache full ({cache.capacity} positions); start a new cache or raise max_positions")
-        if self._views is None or self._views[0] is not cache:
-            self._views = self._buffers(cache, x)
-        _, caches, qkv, qk, rotated, q, k, v, y, y_rows, gate_up, gate, up = self._views
+        if self._buffers is None or self._buffers.cache is not cache:
+            self._buffers = _StepBuffers.make(cache, x, self.layers[0][2].shape[1])
+        _, caches, qkv, qk, rotated, q, k, v, y, y_rows, gate_up, gate, up = self._buffers
         if pos >= self.rotations.shape[0]:
             raise ValueError(f"sequence of {pos + 1} positions exceeds max_positions={self.rotations.shape[0]}; "
                              "raise model.max_positions")
@@ -253,19 +253,35 @@ class StepDecoder:
         cache.length = end
         return x.mul_(norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()).mul_(self.final)
 
-    def _buffers(self, cache: KVCache, x: torch.Tensor) -> tuple:
-        # a step's buffers for this cache's batch, and every view `step` needs of them and of the cache
-        B, C, H, D = x.shape[0], self.dim, self.heads, self.head_dim
+
+
+class _StepBuffers(NamedTuple):
+    """StepDecoder's outputs for one cache's batch B, and every view a step takes of them and of the cache."""
+
+    cache: KVCache
+    caches: list  # per layer: keys (B, H, D, T), values (B, H, T, D), and both as (B·H) batches
+    qkv: torch.Tensor  # (B, 3C)
+    qk: torch.Tensor  # (B, 2, H, D/2) complex view of q and k in qkv
+    rotated: torch.Tensor  # (B, 2, H, D/2) complex view of the rotated q and k, stored q first: (2, B, H, D)
+    q: torch.Tensor  # (B·H, 1, D) rotated queries
+    k: torch.Tensor  # (B, H, D) rotated keys
+    v: torch.Tensor  # (B, H, D) values in qkv
+    y: torch.Tensor  # (B·H, 1, D) attention output
+    y_rows: torch.Tensor  # (B, C) the same
+    gate_up: torch.Tensor  # (B, 2F)
+    gate: torch.Tensor  # (B, F) views of gate_up
+    up: torch.Tensor
+
+    @staticmethod
+    def make(cache: KVCache, x: torch.Tensor, hidden2: int) -> "_StepBuffers":
+        (B, C), (_, H, D, _) = x.shape, cache.keys[0].shape
         caches = [(k, v, k.view(B * H, D, -1), v.view(B * H, -1, D)) for k, v in zip(cache.keys, cache.values)]
-        qkv = x.new_empty(B, 3 * C)
-        qk = torch.view_as_complex(qkv.narrow(1, 0, 2 * C).view(B, 2, H, D // 2, 2))  # (B, 2, H, D/2)
-        rotated = x.new_empty(2, B, H, D)  # rotated q and k, q first so that its (B·H) rows are one view
-        y = x.new_empty(B * H, 1, D)
-        gate_up = x.new_empty(B, self.layers[0][2].shape[1])
-        return (
-            cache, caches, qkv, qk, torch.view_as_complex(rotated.view(2, B, H, D // 2, 2)).transpose(0, 1),
-            rotated[0].view(B * H, 1, D), rotated[1], qkv.narrow(1, 2 * C, C).view(B, H, D), y, y.view(B, C),
-            gate_up, *gate_up.chunk(2, dim=-1),
+        qkv, rotated = x.new_empty(B, 3 * C), x.new_empty(2, B, H, D)
+        y, gate_up = x.new_empty(B * H, 1, D), x.new_empty(B, hidden2)
+        return _StepBuffers(
+            cache, caches, qkv, torch.view_as_complex(qkv.narrow(1, 0, 2 * C).view(B, 2, H, D // 2, 2)),
+            torch.view_as_complex(rotated.view(2, B, H, D // 2, 2)).transpose(0, 1), rotated[0].view(B * H, 1, D),
+            rotated[1], qkv.narrow(1, 2 * C, C).view(B, H, D), y, y.view(B, C), gate_up, *gate_up.chunk(2, dim=-1),
         )
 
 
