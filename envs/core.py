@@ -293,7 +293,8 @@ class MusicBatch:
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
-    def check_actions(self, actions: Any) -> torch.Tensor:
+    def check_actions(self, actions: Any) -> np.ndarray:
+        """Actions as given → (B,) int64 codes, or a clear error."""
         a = np.asarray(actions)
         if a.shape not in ((self.B,), ()) or (a.shape == () and self.B != 1):
             raise EnvError(f"expected {self.B} action(s), got an array of shape {a.shape}")
@@ -303,7 +304,7 @@ class MusicBatch:
         if a.min() < 0 or a.max() >= self.A:
             raise EnvError(f"action(s) {a.tolist()} out of range: the world model has {self.A} latent codes, "
                            f"so actions lie in [0, {self.A})")
-        return torch.as_tensor(a.astype(np.int64), device=self.device)
+        return a.astype(np.int64)
 
     def step(self, actions: Any) -> tuple[dict, np.ndarray, bool, dict]:
         """Advance every row one step → (observation, rewards (B,), truncated, info)."""
@@ -311,19 +312,18 @@ class MusicBatch:
             raise EnvError("call reset() before step()")
         if self.steps >= self.cfg.max_steps:
             raise EnvError(f"the episode ended after max_steps={self.cfg.max_steps}; call reset()")
-        a = self.check_actions(actions)
-        F = self.cfg.frames_per_step
-        new = self.session.step(a, num_frames=1)
-        if F > 1:
-            rest = self.session.step(a if self.cfg.action_hold == "all" else self.rest, num_frames=F - 1)
-            new = torch.cat([new, rest], -1)
+        actions = self.check_actions(actions)
+        a = torch.as_tensor(actions, device=self.device)
+        if self.cfg.action_hold == "first":  # per started frame: the action, then the rest code (the last column repeats)
+            a = torch.stack([a, self.rest], 1)
+        new = self.session.step(a, num_frames=self.cfg.frames_per_step)
         self.steps += 1
-        self.past_actions = np.roll(self.past_actions, -1, axis=1)
-        self.past_actions[:, -1] = a.cpu().numpy()
+        self.past_actions[:, :-1] = self.past_actions[:, 1:]  # oldest out, newest in
+        self.past_actions[:, -1] = actions
         audio = self.decode(new) if self.cfg.decode_audio else None
         history, obs = self.last_observation, self.observation()
         self.last_observation = obs
-        batch = StepBatch(new, a.cpu().numpy(), history, obs, self.steps, self.cfg.max_steps, audio, self.episode_tokens)
+        batch = StepBatch(new, actions, history, obs, self.steps, self.cfg.max_steps, audio, self.episode_tokens)
         rewards, terms = self.reward_fn(batch)
         info = {"tokens": new.cpu().numpy(), "frame": np.full(self.B, self.session.absolute_frames)}
         if audio is not None:

@@ -54,8 +54,9 @@ class LoudnessProbe:
         xh, yh = self._data(model, max(fit_clips // 4, 4), seed=1)
         pred = xh @ self.weights
         self.r2 = float(1 - ((pred - yh) ** 2).sum() / ((yh - yh.mean()) ** 2).sum())
-        self.quiet, self.loud = np.percentile(y, [5, 95])
+        self.quiet, self.loud = (float(v) for v in np.percentile(y, [5, 95]))
         self.table = torch.tensor(self.weights[1:], dtype=torch.float32)  # (K·V,): token v of codebook k at k·V + v
+        self.bias = float(self.weights[0])
         self.offsets = (torch.arange(K) * V).view(1, 1, K, 1)
 
     def _data(self, model, clips: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +76,7 @@ class LoudnessProbe:
 
     def decibels(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S, K, T) tokens → (B, T) mix loudness in dB (stems add as powers)."""
-        db = self.table.to(tokens.device)[tokens + self.offsets.to(tokens.device)].sum(2) + float(self.weights[0])  # (B, S, T)
+        db = torch.take(self.table.to(tokens.device), tokens + self.offsets.to(tokens.device)).sum(2) + self.bias  # (B, S, T)
         return db[:, 0] if db.shape[1] == 1 else 10 * torch.log10((10 ** (db / 10)).sum(1))
 
     def level(self, tokens: torch.Tensor) -> torch.Tensor:

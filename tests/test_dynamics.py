@@ -344,6 +344,34 @@ def test_session_steps_and_chunks_agree(variant):
     assert torch.equal(one.tokens[..., : 13 - lag], bounded[..., : 13 - lag])
 
 
+@pytest.mark.parametrize("variant", ["delay", "multistream-offsets"])
+def test_per_frame_actions_equal_one_step_per_frame(variant):
+    # a step with (B, n) actions conditions the frames it starts in turn, as n one-frame steps would; the last
+    # column covers any further frames; also across rollovers (small buffer)
+    model = make(variant, 2)
+    tokens, _, sections = data(2, 2, 4)
+    plan = torch.randint(0, A, (2, 24), generator=torch.Generator().manual_seed(3))
+    kw = dict(temperature=1.0, max_frames=16, context_frames=8)
+    single = model.new_session(tokens, None, sections, generator=torch.Generator().manual_seed(5), **kw)
+    single.step(num_frames=1)  # commits the lookahead frames (null actions)
+    a = torch.cat([single.step(plan[:, f], num_frames=1) for f in range(24)], -1)
+    batched = model.new_session(tokens, None, sections, generator=torch.Generator().manual_seed(5), **kw)
+    batched.step(num_frames=1)
+    b = torch.cat([batched.step(plan[:, f : f + 4], num_frames=4) for f in range(0, 24, 4)], -1)
+    assert single.offset > 0 and torch.equal(a, b) and torch.equal(single.actions, batched.actions)
+    held = model.new_session(tokens, None, sections, generator=torch.Generator().manual_seed(5), **kw)
+    held.step(num_frames=1)
+    c = torch.cat([held.step(torch.stack([plan[:, f], plan[:, f + 1]], 1), num_frames=4) for f in range(0, 24, 4)], -1)
+    repeated = plan.view(2, 6, 4).clone()
+    repeated[..., 2:] = repeated[..., 1:2]  # columns past the second: the second again
+    again = model.new_session(tokens, None, sections, generator=torch.Generator().manual_seed(5), **kw)
+    again.step(num_frames=1)
+    d = torch.cat([again.step(repeated[:, i], num_frames=4) for i in range(6)], -1)
+    assert torch.equal(c, d) and not torch.equal(c, b)
+    with pytest.raises(DynamicsError, match="actions"):
+        batched.step(torch.zeros(3, 2, dtype=torch.long))
+
+
 def test_session_rolls_over_when_full():
     model = make("multistream", 2)
     tokens, actions, sections = data(1, 2, 4)

@@ -148,9 +148,10 @@ def _check_codes(codes: torch.Tensor, num_codebooks: int, codebook_size: int, de
     if not 1 <= codes.shape[1] <= num_codebooks:
         raise DataError(f"codec.decode got K={codes.shape[1]} codebooks; this codec has {num_codebooks} "
                         "(a prefix of 1..K codebooks is allowed)")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
-        raise DataError(f"codec.decode got codes outside [0, {codebook_size}): "
-                        f"min {int(codes.min())}, max {int(codes.max())}")
+    if codes.numel():
+        lo, hi = (int(v) for v in torch.aminmax(codes))
+        if lo < 0 or hi >= codebook_size:
+            raise DataError(f"codec.decode got codes outside [0, {codebook_size}): min {lo}, max {hi}")
     return codes.to(device=device, dtype=torch.long)
 
 

@@ -16,8 +16,6 @@ give valid audio that differs slightly near the start.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +28,10 @@ class StreamingDecoder:
     """Chunk-by-chunk decoding of a TinyCodec for a fixed batch of sequences (B, K, T) → (B, 1, T·HOP).
 
     A snapshot, like the dynamics' StepDecoder: the decoder is flattened once into a list of plain ops with their
-    weights computed (weight norm applied), so a small chunk pays few kernel launches and no module dispatch.
+    weights laid out for matmuls (weight norm applied). At an env step's 4 frames the module path pays more for
+    per-call setup than for arithmetic (mkldnn's LSTM ~0.1-0.2 ms, the transposed-convolution kernel ~50 us, a
+    no-op reflect pad before every kernel-1 convolution), so here a convolution is one batched matmul over its
+    unfolded input, a transposed convolution one matmul and a shifted add, the LSTM a few small ops per frame.
     """
 
     def __init__(self, codec: TinyCodec):
@@ -39,11 +40,11 @@ class StreamingDecoder:
         self.codec = codec
         with torch.no_grad():
             self.ops = _flatten(codec.decoder.model)
-            # the residual VQ's codebooks (projected) as one table: a frame's latent is one embedding_bag sum
+            # the residual VQ's codebooks (projected) as one table: a frame's latent is the sum of K rows
             layers = codec.quantizer.vq.layers
             self.codebooks = torch.cat([layer.project_out(layer._codebook.embed) for layer in layers])  # (K·V, D)
             self.offsets = (torch.arange(len(layers), device=codec.device) * codec.codebook_size).view(1, -1, 1)
-        self.state: dict[int, object] = {}
+        self.state: dict[object, object] = {}  # op → what it carries to the next chunk
 
     def reset(self) -> None:
         """Start new sequences (the next chunk is a first chunk)."""
@@ -56,42 +57,126 @@ class StreamingDecoder:
         codes = _check_codes(codes, codec.num_codebooks, codec.codebook_size, codec.device)
         if codes.shape[-1] == 0:
             return torch.zeros(codes.shape[0], 1, 0, device=codec.device)
-        B, K, T = codes.shape
-        rows = (codes + self.offsets).transpose(1, 2).reshape(B * T, K)
-        emb = F.embedding_bag(rows, self.codebooks, mode="sum").view(B, T, -1).transpose(1, 2)  # (B, D, T)
-        return self._run(self.ops, emb) / codec.config.input_gain
+        x = self.codebooks[codes + self.offsets].sum(1).transpose(1, 2)  # (B, K, T, D) → (B, D, T)
+        return _run(self.ops, x, self.state) / codec.config.input_gain
 
-    def _run(self, ops: list, x: torch.Tensor) -> torch.Tensor:
-        for i, op in enumerate(ops):
-            kind = op[0]
-            if kind == "conv":  # causal, stride 1: the last `pad` inputs are the next chunk's left context
-                _, key, weight, bias, dilation, pad, pad_mode = op
-                context = self.state.get(key)
-                x = F.pad(x, (pad, 0), mode=pad_mode) if context is None else torch.cat([context, x], -1)
-                if pad:
-                    self.state[key] = x[..., -pad:]
-                x = F.conv1d(x, weight, bias, dilation=dilation)
-            elif kind == "convtr":  # the last k - s outputs still await the next input: carry them over
-                _, key, weight, bias, stride = op
-                y = F.conv_transpose1d(x, weight, bias, stride=stride)  # (B, C, (T-1)·s + k)
-                done = x.shape[-1] * stride
-                out, tail = y[..., :done], y[..., done:]
-                carry = self.state.get(key)
-                if carry is not None:
-                    out = torch.cat([out[..., : carry.shape[-1]] + carry, out[..., carry.shape[-1] :]], -1)
-                self.state[key] = tail - bias.view(1, -1, 1)  # the next chunk adds the bias to these samples
-                x = out
-            elif kind == "lstm":
-                _, key, lstm, skip = op
-                seq = x.permute(2, 0, 1)
-                y, self.state[key] = lstm(seq, self.state.get(key))
-                x = (y + seq if skip else y).permute(1, 2, 0)
-            elif kind == "elu":
-                x = F.elu(x, op[1])
-            else:  # "residual": shortcut(x) + block(x)
-                _, shortcut, block = op
-                x = self._run(shortcut, x) + self._run(block, x)
-        return x
+
+def _run(ops: list, x: torch.Tensor, state: dict) -> torch.Tensor:
+    for op in ops:
+        x = op(x, state)
+    return x
+
+
+class _CausalConv:
+    """A causal stride-1 convolution (B, Cin, T) → (B, Cout, T) as one batched matmul over its unfolded inputs.
+    The last (k-1)·d inputs are the next chunk's left context; kernel-1 convolutions have none (they never pad)."""
+
+    def __init__(self, layer: nn.Module):
+        conv = layer.conv.conv
+        if conv.stride[0] != 1 or not layer.causal:
+            raise CheckpointError("streaming decoding supports causal stride-1 convolutions only (the SEANet decoder's)")
+        weight = _weight(conv)  # (Cout, Cin, k)
+        self.dilation, self.pad_mode = conv.dilation[0], layer.pad_mode
+        self.context = (weight.shape[-1] - 1) * self.dilation
+        self.weight = weight.flatten(1)  # (Cout, Cin·k), column c·k + j: input channel c at tap j
+        self.bias = _bias(conv)[:, None]  # (Cout, 1)
+
+    def __call__(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        T = x.shape[-1]
+        if self.context:
+            past = state.get(self)
+            x = _pad_start(x, self.context, self.pad_mode) if past is None else torch.cat([past, x], -1)
+            state[self] = x[..., -self.context :]
+            windows = x.unfold(-1, self.context + 1, 1)[..., :: self.dilation]  # (B, Cin, T, k)
+            x = windows.transpose(2, 3).reshape(x.shape[0], -1, T)  # (B, Cin·k, T)
+        return torch.baddbmm(self.bias, self.weight.expand(x.shape[0], -1, -1), x)
+
+
+class _CausalConvTranspose:
+    """A causal transposed convolution with kernel 2·stride, (B, Cin, T) → (B, Cout, T·s), trimmed on the right
+    as the whole decode trims it. Input frame t writes 2·s samples: the first s are output block t, the last s add
+    to block t+1. So the layer is one matmul and one shifted add; the chunk's last frame's overlap is carried to
+    the next chunk."""
+
+    def __init__(self, layer: nn.Module):
+        conv = layer.convtr.convtr
+        if not layer.causal or layer.trim_right_ratio != 1.0:
+            raise CheckpointError("streaming decoding needs causal transposed convolutions trimmed on the right")
+        weight = _weight(conv)  # (Cin, Cout, k)
+        _, Cout, k = weight.shape
+        self.stride = s = conv.stride[0]
+        if k != 2 * s:
+            raise CheckpointError(f"streaming decoding needs transposed convolutions with kernel = 2·stride (SEANet's), "
+                                  f"got kernel {k}, stride {s}")
+        self.weight = weight.permute(0, 2, 1).flatten(1).contiguous()  # (Cin, k·Cout), column j·Cout + c
+        # the bias goes on the first half only: every output sample is one frame's first half plus one's second
+        self.bias = torch.cat([_bias(conv).repeat(s), weight.new_zeros(s * Cout)])
+
+    def __call__(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        B, _, T = x.shape
+        s = self.stride
+        # time-major product (T rows): at few frames and many output columns it is the faster orientation
+        y = torch.baddbmm(self.bias, x.transpose(1, 2), self.weight.expand(B, -1, -1)).view(B, T, 2, s, -1)
+        own, overlap = y[:, :, 0], y[:, :, 1]  # (B, T, s, Cout): frame t's block, and its part of block t + 1
+        carry = state.get(self)
+        if carry is not None:
+            own[:, 0] += carry
+        own[:, 1:] += overlap[:, :-1]
+        state[self] = overlap[:, -1]
+        return own.permute(0, 3, 1, 2).reshape(B, -1, T * s)  # (B, Cout, T·s)
+
+
+class _LSTM:
+    """SLSTM over (B, C, T), (h, c) carried per layer. Written out: at a few frames and width 128, mkldnn's LSTM
+    kernel costs more than these ops (one matmul projects every frame's input, then one addmm and the gates per frame)."""
+
+    def __init__(self, layer: nn.Module):
+        lstm = layer.lstm
+        self.skip, self.hidden = layer.skip, lstm.hidden_size
+        self.layers = [
+            (getattr(lstm, f"weight_ih_l{i}").t().contiguous(), getattr(lstm, f"weight_hh_l{i}").t().contiguous(),
+             getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}"))
+            for i in range(lstm.num_layers)
+        ]  # (C, 4H), (H, 4H), (4H,); gates in PyTorch's order i, f, g, o
+
+    def __call__(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        B, _, T = x.shape
+        H = self.hidden
+        carried = state.get(self) or [(x.new_zeros(B, H), x.new_zeros(B, H))] * len(self.layers)
+        y, final = x.transpose(1, 2), []  # (B, T, C)
+        for (w_ih, w_hh, bias), (h, c) in zip(self.layers, carried):
+            inputs = torch.baddbmm(bias, y, w_ih.expand(B, -1, -1))  # (B, T, 4H)
+            y = x.new_empty(B, T, H)
+            for t in range(T):
+                gates = torch.addmm(inputs[:, t], h, w_hh)
+                i, f, _, o = gates.sigmoid().chunk(4, 1)
+                c = torch.addcmul(f * c, i, gates[:, 2 * H : 3 * H].tanh())
+                h = torch.mul(o, c.tanh(), out=y[:, t])
+            final.append((h, c))
+        state[self] = final
+        y = y.transpose(1, 2)
+        return y + x if self.skip else y
+
+
+class _ELU:
+    """In place: every op returns a fresh tensor and keeps no view of its input, and a residual block's shortcut
+    has read the block's input before the block's first ELU runs (fewer allocations matter at this size)."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def __call__(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        return F.elu_(x, self.alpha)
+
+
+class _Residual:
+    """SEANetResnetBlock: shortcut(x) + block(x)."""
+
+    def __init__(self, layer: nn.Module):
+        self.shortcut, self.block = _flatten(layer.shortcut), _flatten(layer.block)
+
+    def __call__(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        return _run(self.shortcut, x, state).add_(_run(self.block, x, state))
 
 
 def _flatten(module: nn.Module) -> list:
@@ -99,32 +184,23 @@ def _flatten(module: nn.Module) -> list:
     from encodec.modules.lstm import SLSTM
     from encodec.modules.seanet import SEANetResnetBlock
 
+    kinds = {SConv1d: _CausalConv, SConvTranspose1d: _CausalConvTranspose, SLSTM: _LSTM, SEANetResnetBlock: _Residual}
     ops: list = []
     for layer in module if isinstance(module, nn.Sequential) else [module]:
-        key = next(_KEYS)
-        if isinstance(layer, SConv1d):
-            conv = layer.conv.conv
-            if conv.stride[0] != 1 or not layer.causal:
-                raise CheckpointError("streaming decoding supports causal stride-1 convolutions only (the SEANet decoder's)")
-            pad = (conv.kernel_size[0] - 1) * conv.dilation[0]
-            ops.append(("conv", key, _weight(conv), conv.bias, conv.dilation[0], pad, layer.pad_mode))
-        elif isinstance(layer, SConvTranspose1d):
-            conv = layer.convtr.convtr
-            if not layer.causal or layer.trim_right_ratio != 1.0:
-                raise CheckpointError("streaming decoding needs causal transposed convolutions trimmed on the right")
-            ops.append(("convtr", key, _weight(conv), conv.bias, conv.stride[0]))
-        elif isinstance(layer, SLSTM):
-            ops.append(("lstm", key, layer.lstm, layer.skip))
-        elif isinstance(layer, nn.ELU):
-            ops.append(("elu", layer.alpha))
-        elif isinstance(layer, SEANetResnetBlock):
-            ops.append(("residual", _flatten(layer.shortcut), _flatten(layer.block)))
+        if isinstance(layer, nn.ELU):
+            ops.append(_ELU(layer.alpha))
+        elif type(layer) in kinds:
+            ops.append(kinds[type(layer)](layer))
         else:
             raise CheckpointError(f"streaming decoding does not know the decoder layer {type(layer).__name__}")
     return ops
 
 
-_KEYS = itertools.count()  # a unique state key per stateful layer
+def _pad_start(x: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    # the whole decode's left padding of a sequence's start (encodec's pad1d also takes inputs shorter than n)
+    from encodec.modules.conv import pad1d
+
+    return pad1d(x, (n, 0), mode)
 
 
 def _weight(conv: nn.Module) -> torch.Tensor:
@@ -132,3 +208,9 @@ def _weight(conv: nn.Module) -> torch.Tensor:
     if hasattr(conv, "weight_g"):
         return torch._weight_norm(conv.weight_v, conv.weight_g, 0).detach().clone()
     return conv.weight.detach().clone()
+
+
+def _bias(conv: nn.Module) -> torch.Tensor:
+    if conv.bias is None:
+        return torch.zeros(conv.out_channels, device=next(conv.parameters()).device)
+    return conv.bias.detach().clone()

@@ -36,6 +36,7 @@ steps position by position with the KV cache, in a frame-aligned token buffer.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import time
 from collections import OrderedDict
@@ -715,11 +716,14 @@ class DynamicsSession:
             self.generators = list(generator)
             if len(self.generators) != B or not all(isinstance(g, torch.Generator) for g in self.generators):
                 raise DynamicsError(f"generator must be a torch.Generator or a list of B={B} of them")
+            self.uniforms = torch.empty(B, tab.N, device=device)  # each row drawn in place from its generator
         # per-position rows as Python lists of views: the step loop indexes lists, not tensors
         self.src_rows, self.dst_rows = list(tab.src.unbind(0)), list(tab.dst.unbind(0))
         self.base_rows = list(tab.row_base.unbind(0))
-        self.temp_rows = list(self.temp_tab[:, :, None].unbind(0))  # (N, 1) each
+        # (N, 1) each; None when every temperature is 1 (dividing by 1 changes nothing, so skip the op)
+        self.temp_rows = None if bool((self.temperature == 1).all()) else list(self.temp_tab[:, :, None].unbind(0))
         self.step_idx = torch.empty(Bx, tab.N + self.E, dtype=torch.long, device=device)  # one step's bag indices
+        self.step_tokens, self.step_cond = self.step_idx[:B, : tab.N], self.step_idx[:, tab.N :]
         self.step_offsets = torch.arange(Bx, device=device) * (tab.N + self.E)  # one bag per sequence
         self.any_greedy = bool((self.temperature == 0).any())
         self.use_cache = use_cache
@@ -803,45 +807,64 @@ class DynamicsSession:
     @torch.inference_mode()
     def step(self, actions: Any = None, sections: Any = None, num_frames: int = 1) -> Tensor:
         """Generate until `num_frames` more frames are complete; returns them (B, S, K, num_frames).
-        actions: (B,) ids in [0, A] (A = null) or an int, for the frames this step starts; None = preset / null.
-        sections: (B,) ids, an int or a name, likewise; None = preset / the previous frame's section."""
+        actions: (B,) ids in [0, A] (A = null) or an int, for the frames this step starts; or (B, n), column i
+        for the i-th frame it starts (the last column for any after the n-th); None = preset / null.
+        sections: (B,) ids, an int or a name, for the frames this step starts; None = preset / the previous
+        frame's section."""
         if not isinstance(num_frames, int) or num_frames < 0:
             raise DynamicsError(f"num_frames must be an int >= 0, got {num_frames!r}")
-        a = self._step_values(actions, self.model.cfg.num_actions + 1, "actions")
+        a = self._step_values(actions, self.model.cfg.num_actions + 1, "actions", per_frame=True)
         s = self._step_values(sections, self.model.cfg.num_sections, "sections")
         target = self.frames + num_frames
         if self.bounded and target > self.Tbuf:
             raise DynamicsError(f"the session ends at {self.Tbuf} frames; {self.frames} done, {num_frames} asked")
-        chunks, start = [], self.frames
+        chunks, start, started = [], self.frames, 0  # started: frames this step has fixed the conditioning of
         while self.frames < target:
             if self.positions >= self.limit:
                 chunks.append(self.grid[..., start : self.frames].clone())
                 shift = self._rollover()
                 target -= shift
                 start = self.frames
-            self._run(self.positions, a, s)
+            if self.tab.cond_list[self.positions] >= self.cond_fixed:
+                # the step's values hold for every frame it starts: fix them once for all its positions, not
+                # once per position (the last one runs just before `target` frames are complete)
+                last = min(bisect.bisect_left(self.tab.complete, target), self.limit) - 1
+                started += self._fix_conditioning(self.tab.cond_list[last], a, s, started)
+            self._run(self.positions)
             self.frames = max(self.known, self.tab.complete[self.positions])
         chunks.append(self.grid[..., start:target].clone())
         return torch.cat(chunks, -1) if len(chunks) > 1 else chunks[0]
 
-    def _step_values(self, x, limit: int, what: str) -> Optional[Tensor]:
+    def _step_values(self, x, limit: int, what: str, per_frame: bool = False) -> Optional[Tensor]:
+        # → (B,) values, or (B, n) per started frame where `per_frame` allows them
         if x is None:
             return None
         if isinstance(x, str):
             x = section_ids(x, 1, 1)[0, 0]
-        x = torch.as_tensor(x, device=self.buf.device).long().reshape(-1).expand(self.B)
-        if int(x.min()) < 0 or int(x.max()) >= limit:
+        x = torch.as_tensor(x, device=self.buf.device).long()
+        if not (per_frame and x.dim() == 2 and x.shape[0] == self.B and x.shape[1] > 0):
+            if x.numel() not in (1, self.B):
+                shapes = f"one value or (B={self.B},)" + (" or (B, frames)" if per_frame else "")
+                raise DynamicsError(f"{what} must be {shapes}, got shape {tuple(x.shape)}")
+            x = x.reshape(-1).expand(self.B)
+        lo, hi = torch.aminmax(x)
+        if int(lo) < 0 or int(hi) >= limit:
             raise DynamicsError(f"{what} must lie in [0, {limit}), got {x.tolist()}")
         return x
 
-    def _fix_conditioning(self, upto: int, actions: Optional[Tensor], sections: Optional[Tensor]) -> None:
-        # fix frames cond_fixed..upto: the step's values where given, else the preset ones, else null / previous
+    def _fix_conditioning(self, upto: int, actions: Optional[Tensor], sections: Optional[Tensor], column: int = 0) -> int:
+        # fix frames cond_fixed..upto: the step's values where given, else the preset ones, else null / previous.
+        # Per-frame actions (B, n): frame cond_fixed takes column `column`, the next ones the following columns.
+        # Returns how many frames it fixed.
         g0, g1 = self.cond_fixed, upto + 1
         if g1 <= g0:  # already fixed (a rebuilt cache re-reads fixed frames)
-            return
+            return 0
         lo = max(g0 - 1, 0)  # act[:, lo : g1-1] conditions frames max(g0, 1)..g1-1
         if g1 - 1 > lo:
-            if actions is not None:
+            if actions is not None and actions.dim() == 2:
+                columns = torch.arange(lo + 1 - g0 + column, g1 - g0 + column, device=actions.device)
+                self.act[:, lo : g1 - 1] = actions[:, columns.clamp_(max=actions.shape[1] - 1)]
+            elif actions is not None:
                 self.act[:, lo : g1 - 1] = actions[:, None]
             elif g1 - 1 > self.act_preset:
                 self.act[:, max(lo, self.act_preset) : g1 - 1] = self.model.null_action
@@ -852,6 +875,7 @@ class DynamicsSession:
                 self.sec[:, g] = self.sec[:, g - 1] if g > 0 else 0
         self._write_cond_rows(g0, g1)
         self.cond_fixed = g1
+        return g1 - g0
 
     def _write_cond_rows(self, g0: int, g1: int) -> None:
         rows, B, cond = self.rows, self.B, self.cond_rows
@@ -899,20 +923,17 @@ class DynamicsSession:
         if p == 0:
             idx[:, :N] = self.start_rows
         else:
-            tok = self.buf.index_select(1, self.src_rows[p - 1]).add_(self.base_rows[p - 1])  # (B, N)
-            idx[:B, :N] = tok
+            torch.add(self.buf.index_select(1, self.src_rows[p - 1]), self.base_rows[p - 1], out=self.step_tokens)
             if self.guided:
-                idx[B:, :N] = tok
-        idx[:, N:] = self.cond_rows[:, f]
+                idx[B:, :N] = self.step_tokens
+        self.step_cond.copy_(self.cond_rows[:, f])
         return torch.embedding_bag(self.table, idx.view(-1), self.step_offsets, False, 0)[0]  # mode 0 = sum
 
-    def _run(self, p: int, actions: Optional[Tensor], sections: Optional[Tensor]) -> None:
+    def _run(self, p: int) -> None:
+        # run position p, whose frame's conditioning is fixed, and sample its tokens
         tab, B = self.tab, self.B
-        f = tab.cond_list[p]
-        if f >= self.cond_fixed:
-            self._fix_conditioning(f, actions, sections)
         if self.use_cache:
-            h = self.decoder.step(self._step_input(p, f), self.cache)  # (Bx, C)
+            h = self.decoder.step(self._step_input(p, tab.cond_list[p]), self.cache)  # (Bx, C)
         else:  # recompute the whole prefix (the KV-cache benchmark's baseline)
             h = self.model.transformer(self._inputs(0, p + 1))[:, -1]
         if tab.identity_heads:
@@ -942,7 +963,7 @@ class DynamicsSession:
             return logits.argmax(-1)
         B, N, V = logits.shape
         u = self._uniforms(B, N, logits.device)  # (B, N)
-        x = logits / self.temp_rows[p]
+        x = logits if self.temp_rows is None else logits / self.temp_rows[p]
         if self.filtering:
             x, order = x.sort(-1, descending=True)
             probs = x.softmax(-1)
@@ -950,7 +971,7 @@ class DynamicsSession:
             keep = (torch.arange(V, device=x.device) < self.topk_tab[p][:, None]) & (before < self.topp_tab[p][:, None])
             x = x.masked_fill(~keep, float("-inf"))
         cdf = x.softmax(-1).cumsum_(-1)  # (B, N, V)
-        j = torch.searchsorted(cdf, u.unsqueeze_(-1).mul_(cdf[..., -1:])).squeeze_(-1).clamp_(max=V - 1)  # (B, N)
+        j = torch.searchsorted(cdf, u[..., None] * cdf[..., -1:]).squeeze_(-1).clamp_(max=V - 1)  # (B, N)
         tokens = order.gather(-1, j[..., None])[..., 0] if self.filtering else j
         if self.any_greedy:
             tokens = torch.where(self.greedy_tab[p], logits.argmax(-1), tokens)
@@ -959,7 +980,9 @@ class DynamicsSession:
     def _uniforms(self, B: int, N: int, device) -> Tensor:
         g = self.generators
         if isinstance(g, list):
-            return torch.stack([torch.rand(N, generator=gi, device=device) for gi in g])
+            for row, gi in zip(self.uniforms, g):
+                torch.rand(N, generator=gi, out=row)
+            return self.uniforms
         return torch.rand(B, N, generator=g, device=device)
 
     def _rollover(self) -> int:

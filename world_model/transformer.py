@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -192,8 +193,10 @@ class StepDecoder:
     are prepared once: transposed for `mm`/`addmm` (F.linear re-packs them every call), each RMSNorm's weight folded
     into the matrix after it (the norm becomes one per-row scale applied after the matmul), the attention scale
     folded into the query columns, residual adds fused into `addmm`, attention as two `bmm`s over the cache's
-    transposed keys. Same maths as the module path; it agrees to float rounding. A snapshot: build a new one after
-    the weights change. Inference only (no dropout, no autograd).
+    transposed keys. Matmuls write into buffers made once per cache, whose views (q, k, v, gate, up...) are made
+    once too: at batch 1 each view call costs about as much as a small kernel. Same maths as the module path; it
+    agrees to float rounding. A snapshot: build a new one after the weights change. Inference only (no dropout,
+    no autograd).
     """
 
     def __init__(self, model: Transformer):
@@ -201,7 +204,6 @@ class StepDecoder:
         C, H = cfg.dim, cfg.heads
         D = C // H
         self.dim, self.heads, self.head_dim = C, H, D
-        self.rotary = model.rotary
         root = math.sqrt(C)  # rms(x) = ||x|| / sqrt(C): scale = sqrt(C) / sqrt(||x||² + C·eps), sqrt(C) folded in
         param = model.norm.weight
         self.eps_c = torch.tensor(C * model.norm.eps, dtype=param.dtype, device=param.device)  # a tensor: no scalar wrap per op
@@ -216,7 +218,8 @@ class StepDecoder:
                     block.mlp.down.weight.t().contiguous(),
                 ))
             self.final = (model.norm.weight * root).detach().clone()
-        self._views: tuple | None = None
+            self.rotations = torch.view_as_complex(model.rotary.cis.float().contiguous())  # (P, D/2) per position
+        self._buffers: _StepBuffers | None = None
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         # x: (B, C) embeddings of one new position per sequence → (B, C) normalised states; the cache advances.
@@ -224,29 +227,62 @@ class StepDecoder:
         if not torch.is_inference_mode_enabled():
             with torch.inference_mode():
                 return self.step(x, cache)
-        B, C, H, D = x.shape[0], self.dim, self.heads, self.head_dim
         pos = cache.length
         if pos + 1 > cache.capacity:
             raise ValueError(f"KV cache full ({cache.capacity} positions); start a new cache or raise max_positions")
-        if self._views is None or self._views[0] is not cache:  # (B·H)-batched views of the cache, made once
-            self._views = (cache, [k.view(B * H, D, -1) for k in cache.keys], [v.view(B * H, -1, D) for v in cache.values])
-        _, keys, values = self._views
-        f = self.rotary.factors(pos, 1)[0]  # (D/2,) complex
+        if self._buffers is None or self._buffers.cache is not cache:
+            self._buffers = _StepBuffers.make(cache, x, self.layers[0][2].shape[1])
+        _, caches, qkv, qk, rotated, q, k, v, y, y_rows, gate_up, gate, up = self._buffers
+        if pos >= self.rotations.shape[0]:
+            raise ValueError(f"sequence of {pos + 1} positions exceeds max_positions={self.rotations.shape[0]}; "
+                             "raise model.max_positions")
+        f = self.rotations[pos]  # (D/2,) complex
         end, eps, norm = pos + 1, self.eps_c, torch.linalg.vector_norm
-        for (wqkv, wo, wgu, wd), k_cache, v_cache in zip(self.layers, keys, values):
+        for (wqkv, wo, wgu, wd), (k_cache, v_cache, keys, values) in zip(self.layers, caches):
             scale = norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()  # (B, 1): the RMSNorm
-            qkv = torch.mm(x, wqkv).mul_(scale)  # (B, 3C): q (pre-scaled for attention), k, v
-            qk = torch.view_as_real(torch.view_as_complex(qkv.narrow(1, 0, 2 * C).view(B, 2, H, D // 2, 2)) * f)
-            k_cache.select(2, pos).copy_(qk.select(1, 1).reshape(B * H, D))
-            v_cache.select(1, pos).copy_(qkv.narrow(1, 2 * C, C).reshape(B * H, D))
-            scores = torch.bmm(qk.select(1, 0).reshape(B * H, 1, D), k_cache.narrow(2, 0, end))  # (B·H, 1, end)
-            y = torch.bmm(scores.softmax(-1), v_cache.narrow(1, 0, end))  # (B·H, 1, D)
-            x = torch.addmm(x, y.view(B, C), wo)
+            torch.mm(x, wqkv, out=qkv).mul_(scale)  # (B, 3C): q (pre-scaled for attention), k, v
+            torch.mul(qk, f, out=rotated)  # q and k rotated
+            k_cache.select(3, pos).copy_(k)
+            v_cache.select(2, pos).copy_(v)
+            scores = torch.bmm(q, keys.narrow(2, 0, end))  # (B·H, 1, end)
+            torch.bmm(scores.softmax(-1), values.narrow(1, 0, end), out=y)  # (B·H, 1, D)
+            x = torch.addmm(x, y_rows, wo)
             scale = norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()
-            gate, up = torch.mm(x, wgu).mul_(scale).chunk(2, dim=-1)
+            torch.mm(x, wgu, out=gate_up).mul_(scale)
             x = torch.addmm(x, F.silu(gate).mul_(up), wd)
         cache.length = end
         return x.mul_(norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()).mul_(self.final)
+
+
+
+class _StepBuffers(NamedTuple):
+    """StepDecoder's outputs for one cache's batch B, and every view a step takes of them and of the cache."""
+
+    cache: KVCache
+    caches: list  # per layer: keys (B, H, D, T), values (B, H, T, D), and both as (B·H) batches
+    qkv: torch.Tensor  # (B, 3C)
+    qk: torch.Tensor  # (B, 2, H, D/2) complex view of q and k in qkv
+    rotated: torch.Tensor  # (B, 2, H, D/2) complex view of the rotated q and k, stored q first: (2, B, H, D)
+    q: torch.Tensor  # (B·H, 1, D) rotated queries
+    k: torch.Tensor  # (B, H, D) rotated keys
+    v: torch.Tensor  # (B, H, D) values in qkv
+    y: torch.Tensor  # (B·H, 1, D) attention output
+    y_rows: torch.Tensor  # (B, C) the same
+    gate_up: torch.Tensor  # (B, 2F)
+    gate: torch.Tensor  # (B, F) views of gate_up
+    up: torch.Tensor
+
+    @staticmethod
+    def make(cache: KVCache, x: torch.Tensor, hidden2: int) -> "_StepBuffers":
+        (B, C), (_, H, D, _) = x.shape, cache.keys[0].shape
+        caches = [(k, v, k.view(B * H, D, -1), v.view(B * H, -1, D)) for k, v in zip(cache.keys, cache.values)]
+        qkv, rotated = x.new_empty(B, 3 * C), x.new_empty(2, B, H, D)
+        y, gate_up = x.new_empty(B * H, 1, D), x.new_empty(B, hidden2)
+        return _StepBuffers(
+            cache, caches, qkv, torch.view_as_complex(qkv.narrow(1, 0, 2 * C).view(B, 2, H, D // 2, 2)),
+            torch.view_as_complex(rotated.view(2, B, H, D // 2, 2)).transpose(0, 1), rotated[0].view(B * H, 1, D),
+            rotated[1], qkv.narrow(1, 2 * C, C).view(B, H, D), y, y.view(B, C), gate_up, *gate_up.chunk(2, dim=-1),
+        )
 
 
 def _init_weights(module: nn.Module) -> None:
