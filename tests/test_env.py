@@ -223,7 +223,7 @@ def test_readme_script_a_rollout_example_runs():
 def test_bench_env_reports_every_configuration(capsys):
     from melodjinn.cli.main import main
 
-    assert main(["bench", "env", "env_bench.num_envs=[1,2]", "env_bench.steps=2", "env_bench.decode_steps=1"]) == 0
+    assert main(["bench", "env", "env_bench.num_envs=[1,2]", "env_bench.steps=2", "env_bench.decode_steps=1", "env_bench.episodes=2"]) == 0
     import json
 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -232,6 +232,7 @@ def test_bench_env_reports_every_configuration(capsys):
     for (n, _), r in runs.items():
         assert r["frames_per_second"] == pytest.approx(4 * r["steps_per_second"])
         assert r["steps_per_second"] == pytest.approx(n * r["steps"] / r["wall_seconds"])
+        assert len(r["realtime_factor_per_episode"]) == r["episodes"] == 2
     assert result["threads"] == 1
 
 
