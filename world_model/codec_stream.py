@@ -152,7 +152,7 @@ class _LSTM:
                 i, f, _, o = gates.sigmoid().chunk(4, 1)
                 c = torch.addcmul(f * c, i, gates[:, 2 * H : 3 * H].tanh())
                 h = torch.mul(o, c.tanh(), out=y[:, t])
-            final.append((h, c))
+            final.append((h.clone(), c))  # h views y: without the skip, y is returned and the next ELU edits it in place
         state[self] = final
         y = y.transpose(1, 2)
         return y + x if self.skip else y

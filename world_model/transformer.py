@@ -254,7 +254,6 @@ class StepDecoder:
         return x.mul_(norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()).mul_(self.final)
 
 
-
 class _StepBuffers(NamedTuple):
     """StepDecoder's outputs for one cache's batch B, and every view a step takes of them and of the cache."""
 
