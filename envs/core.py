@@ -57,7 +57,8 @@ class EnvConfig:
     top_k: int = 0  # top-k sampling (0 = off)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     decode_audio: bool = False  # decode every step's frames to audio (info["audio"])
-    max_frames: int = 1024  # session buffer (frames); when full, the last half is kept and the cache rebuilt
+    max_frames: Optional[int] = None  # session buffer (frames; None = the world model's training window); when full,
+    # the last half is kept (at least the prompt's length) and the cache rebuilt
     device: str = "cpu"  # torch device of the world model
 
     def validate(self) -> "EnvConfig":
@@ -67,6 +68,8 @@ class EnvConfig:
         for key in ("max_steps", "frames_per_step", "prompt_frames", "prompt_clips", "observation_frames", "action_history"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"env.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_frames is not None and int(self.max_frames) < 1:
+            raise ConfigError(f"env.max_frames must be >= 1 or null (the world model's training window), got {self.max_frames}")
         if self.action_hold not in ("first", "all"):
             raise ConfigError(f"env.action_hold must be 'first' or 'all', got {self.action_hold!r}")
         if self.observation_frames > self.prompt_frames:
@@ -134,8 +137,9 @@ class PromptSource:
             actions = model.frame_actions(model.infer_actions(stems.sum(0, keepdim=True).float()), T)[0]
         else:
             actions = torch.full((T,), model.null_action, dtype=torch.long)
-        sections = torch.zeros(T, dtype=torch.long) if sections is None else sections.long()
-        return Prompt(tokens.cpu(), actions.cpu(), sections.cpu())
+        if sections is None:
+            sections = torch.full((T,), model.dynamics.cfg.default_section, dtype=torch.long)
+        return Prompt(tokens.cpu(), actions.cpu(), sections.long().cpu())
 
     def action_usage(self) -> np.ndarray:
         """(A,) share of frames the LAM gives each code on the world's first clips (all zero without a world)."""
@@ -232,7 +236,11 @@ class MusicBatch:
         if T0 < cfg.observation_frames:
             raise EnvError(f"the prompt has {T0} frames; the observation needs at least observation_frames="
                            f"{cfg.observation_frames}")
-        buffer = min(cfg.max_frames, dyn_max := model.dynamics.cfg.max_frames)
+        dyn_max = model.dynamics.cfg.max_frames
+        if cfg.max_frames:
+            buffer = min(cfg.max_frames, dyn_max)
+        else:  # the window the model was trained on, stretched (slightly out of what it learned) for a long prompt
+            buffer = min(max(model.dynamics.cfg.window_frames or dyn_max, T0 + self.lag + 2), dyn_max)
         if T0 + self.lag + 2 > buffer:
             raise EnvError(f"the prompt has {T0} frames; the session holds {buffer} (env max_frames / the model's "
                            f"max_frames={dyn_max}): pass a shorter prompt")
@@ -277,7 +285,8 @@ class MusicBatch:
             raise EnvError(f"prompt tokens must lie in [0, {self.V})")
         T = x.shape[-1]
         null = torch.full((T,), self.model.null_action, dtype=torch.long)
-        return [Prompt(x[i].long().cpu(), null, torch.zeros(T, dtype=torch.long)) for i in range(self.B)]
+        sections = torch.full((T,), self.model.dynamics.cfg.default_section, dtype=torch.long)
+        return [Prompt(x[i].long().cpu(), null, sections) for i in range(self.B)]
 
     def _section(self, section: Any, prompts: list[Prompt]) -> torch.Tensor:
         if section is None:

@@ -424,6 +424,51 @@ def test_a_whole_song_plan_outlives_the_session_window():
     assert [newest[f] for f in range(start, start + 6)] == [2, 2, 2, 3, 3, 3]  # the last planned section runs on
 
 
+def test_actions_given_up_front_outlive_the_session_window():
+    """Actions for a whole rollout given when the session opens carry over rollovers: the same frames as giving each
+    step the actions of the frames it starts (from session.next_frame, counted from the session's start)."""
+    model = make("multistream", 2)
+    tokens, _, sections = data(1, 2, 4)
+    script = torch.randint(0, A, (1, 40), generator=torch.Generator().manual_seed(4))
+    kw = dict(temperature=0, max_frames=16, context_frames=8)
+    upfront = model.new_session(tokens, script, sections, **kw)
+    a = upfront.step(num_frames=30)
+    stepped = model.new_session(tokens, script[:, :4], sections, **kw)
+    upcoming = lambda session: script[:, session.offset + session.next_frame - 1 :]  # column i: i-th frame started
+    b = torch.cat([stepped.step(upcoming(stepped)) for _ in range(30)], -1)
+    assert upfront.offset > 8 and torch.equal(a, b)
+    assert torch.equal(upfront.actions, script[:, upfront.offset : upfront.offset + upfront.frames])
+
+
+def test_generate_past_the_training_window_rolls_the_context_over():
+    windowed = make("multistream", 2, window_frames=12)
+    unlimited = make("multistream", 2)  # same weights (same seed), no window
+    tokens, actions, sections = data(2, 2, 4, seed=6)
+    script = torch.randint(0, A, (2, 34), generator=torch.Generator().manual_seed(2))
+    out = windowed.generate(tokens, 30, script, sections, temperature=0)
+    session = unlimited.new_session(tokens, script, sections, temperature=0, max_frames=12, context_frames=6)
+    assert torch.equal(out, torch.cat([tokens, session.step(num_frames=30)], -1))
+    full = unlimited.generate(tokens, 30, script, sections, temperature=0)  # attends to all 34 frames
+    assert torch.equal(out[..., :10], full[..., :10]) and not torch.equal(out, full)
+    padded = torch.cat([script, torch.full((2, 8), A)], 1)  # null past the script, as generate's tensor path has
+    policy = lambda session: padded[:, session.offset + session.next_frame - 1 :]
+    assert torch.equal(windowed.generate(tokens, 30, policy, sections, prompt_actions=script[:, :4], temperature=0), out)
+    with pytest.raises(ConfigError, match="window_frames"):
+        make("multistream", 2, window_frames=65)
+
+
+def test_frames_given_no_section_get_the_default_section():
+    model = make("multistream", 1, default_section=3)
+    tokens, actions, _ = data(2, 1, 6)
+    given = model(tokens, actions, torch.full((2, 6), 3))[0]
+    assert torch.equal(model(tokens, actions)[0], given) and not torch.equal(model(tokens, actions, torch.zeros(2, 6, dtype=torch.long))[0], given)
+    session = model.new_session(tokens[..., :2], actions, temperature=0)
+    session.step(num_frames=3)
+    assert session.sections.unique().tolist() == [3]
+    with pytest.raises(ConfigError, match="default_section"):
+        make("multistream", 1, default_section=5)
+
+
 # ---- growing the model ----------------------------------------------------------------------------------------------------
 
 

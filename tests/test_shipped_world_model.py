@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from melodjinn.cli.main import run
-from melodjinn.world_model.evaluation import EvalWorldConfig, _quiet_contexts, action_meanings, lam_actions
+from melodjinn.world_model.evaluation import EvalWorldConfig, _quiet_contexts, action_meanings, controllability, lam_actions
 from melodjinn.world_model.events import DrumHitDetector
-from melodjinn.world_model.training import action_targets
+from melodjinn.world_model.training import action_targets, heldout_token_ce
 from melodjinn.world_model.world_data import build_world_tensors
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import make_world
@@ -56,11 +56,32 @@ def test_noop_action_adds_no_hit(shipped):
     assert (detected[:, 45:] == 0).mean() >= 0.9
 
 
+def test_no_hit_is_played_that_no_action_asked_for(shipped):
+    model, world, meanings = shipped
+    result = controllability(model, world, meanings, EvalWorldConfig(contexts_per_action=8, noop_frames=40), "cpu")
+    # 40 frames of NOOP after each injected action: a model that plays hits at the world's rate whatever the
+    # action hears about 3 per second there
+    assert result["unbidden_hits_per_second"] <= 0.3, result["per_action"]
+
+
+def test_lam_actions_tell_the_dynamics_what_the_tokens_alone_cannot():
+    model = WorldModel.load("drums")
+    held = build_world_tensors(make_world(model.world, seed=1000), model.codec, 16, progress=False)
+    given = heldout_token_ce(model, held, torch.from_numpy(lam_actions(model, held, "cpu")), "cpu")
+    alone = heldout_token_ce(model, held, None, "cpu")
+    assert set(alone) == {"token_ce_null", "token_ce_null_drums"}
+    # the next hit is announced only by the action (measured 0.61 vs 0.54 nats, averaged over every token, most of
+    # them mid-silence or mid-decay); an action-blind model scores the same on both
+    assert alone["token_ce_null"] > given["token_ce"] + 0.03, (alone, given)
+
+
 def test_demo_runs_on_the_shipped_default(tmp_path):
     result = run("demo", f"out={tmp_path}", "seconds=2")
     assert (tmp_path / "steered.wav").exists()
     assert result["scripted_hits"] > 0
-    assert result["scripted_hit_f1"] >= 0.5, result  # an action-blind model plays no scripted hit: F1 ~0
+    # measured 0.94-1.0 over sampling seeds; an action-blind model plays no scripted hit (F1 ~0), and one that
+    # attends past its 2 s training window or is conditioned on a section it never saw adds unbidden hits (0.5-0.7)
+    assert result["scripted_hit_f1"] >= 0.85, result
 
 
 def test_bench_generation_reports_every_figure_with_the_thread_count():

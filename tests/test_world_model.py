@@ -138,6 +138,7 @@ def test_add_stream_grows_a_trained_model_and_fine_tunes_only_the_new_stream(unt
         f"init={base_dir}", "add_streams=[lead]", "train.new_streams_only=true"]))
     base, grown = WorldModel.load(base_dir), WorldModel.load(grown_dir)
     assert grown.stream_names == ["drums", "lead"] and "token_ce_lead" in summary and "token_ce_drums" in summary
+    assert "token_ce_null_lead" in summary
     new_state, old_state = grown.state_dict(), base.state_dict()
     for name, tensor in old_state.items():  # backbone, LAM and the drum stream kept exactly
         assert torch.equal(new_state[name], tensor), name

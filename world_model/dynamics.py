@@ -86,10 +86,14 @@ class DynamicsConfig:
     rope_base: float = 10_000.0  # rotary frequency base
     num_actions: int = 8  # A latent actions (the LAM's codebook); id A is the null action
     num_sections: int = len(SECTIONS)  # song sections: intro, verse, chorus, bridge, outro
+    default_section: int = 0  # section of frames a caller gives none for; training sets the one its clips carry most
+    # (the drum world's clips are all "verse": an untrained section embedding would condition them on noise)
     num_styles: int = 0  # optional per-clip style ids (0 = no style embedding)
     frame_mask_prob: float = 0.1  # training: chance an input frame's tokens are replaced by the mask embedding
     action_dropout: float = 0.1  # training: chance a whole sequence is conditioned on the null action
     max_frames: int = 2048  # longest sequence (frames) the rotary table and a session's buffer cover
+    window_frames: int = 0  # frames the model saw at once in training (its clips' length; training sets it): longer
+    # generation rolls the context over rather than attend further back than it learned to (0 = up to max_frames)
 
     def validate(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -105,6 +109,10 @@ class DynamicsConfig:
         for key in ("num_codebooks", "codebook_size", "dim", "layers", "heads", "num_actions", "num_sections", "max_frames"):
             if int(getattr(self, key)) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.window_frames <= self.max_frames:
+            raise bad("window_frames", f"must lie in [0, max_frames={self.max_frames}] (0 = no window), got {self.window_frames}")
+        if not 0 <= self.default_section < self.num_sections:
+            raise bad("default_section", f"must lie in [0, num_sections={self.num_sections}), got {self.default_section}")
         if self.num_styles < 0:
             raise bad("num_styles", f"must be >= 0 (0 = no styles), got {self.num_styles}")
         if self.dim % self.heads:
@@ -289,7 +297,8 @@ class DynamicsModel(nn.Module):
         noise: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
     ):
         """Teacher-forced pass. tokens (B, S, K, T) in [0, V); actions (B, T) in [0, A] with actions[:, t] the
-        transition t → t+1 (the last one unused; None = all null); sections (B, T) (None = 0); styles (B,).
+        transition t → t+1 (the last one unused; None = all null); sections (B, T) (None = cfg.default_section);
+        styles (B,).
         Returns (logits (B, S, K, T, V), loss) — loss is None unless `targets` (B, S, K, T) is given, normally the
         tokens themselves, with IGNORE_INDEX (-100) at entries to skip (padded frames).
         Frame masking and action dropout apply in training mode only, drawn from `generator` (None = torch's
@@ -301,7 +310,7 @@ class DynamicsModel(nn.Module):
             raise DynamicsError("tokens need at least one frame")
         device = tokens.device
         actions = self._check_frames(actions, B, T, "actions", cfg.num_actions + 1, self.null_action, device)
-        sections = self._check_frames(sections, B, T, "sections", cfg.num_sections, 0, device)
+        sections = self._check_frames(sections, B, T, "sections", cfg.num_sections, cfg.default_section, device)
         styles = self._check_styles(styles, B, device)
         tab = self._tables(T, device)
         rows = self._rows()
@@ -372,7 +381,8 @@ class DynamicsModel(nn.Module):
         """Start incremental generation from `prompt_tokens` (B, S, K, T0) (None or T0 = 0: from scratch, give
         `batch`). actions (B, T) / sections: per-frame values known up front (see `DynamicsSession`);
         total_frames: end the sequence there (bounded, as `generate`), else open-ended with a `max_frames` buffer
-        that keeps the last `context_frames` when full. Sampling arguments as in `generate`; keep_logits records
+        (default: the model's `window_frames`, else its `max_frames`) that keeps the last `context_frames` (default
+        half the buffer) when full; actions and a section plan longer than the buffer carry over rollovers. Sampling arguments as in `generate`; keep_logits records
         the logits every sampled entry was drawn from (`session.logits`)."""
         return DynamicsSession(
             self, prompt_tokens, actions, sections, styles, batch=batch, total_frames=total_frames, max_frames=max_frames,
@@ -416,14 +426,21 @@ class DynamicsModel(nn.Module):
         if isinstance(actions, Tensor) and (actions.dim() != 2 or actions.shape[1] < T0 + num_frames - 1):
             raise DynamicsError(f"actions must be (B, T0 + num_frames) = (B, {T0 + num_frames}) (the last may be left "
                                 f"out: it is unused), got {tuple(actions.shape)}")
+        # past the training window, roll the context over (the model never learned to attend further back)
+        window = self.cfg.window_frames
+        rolling = 0 < window < T0 + num_frames
         session = self.new_session(
             prompt_tokens, prompt_actions if policy is not None else actions, sections, styles, batch=B,
-            total_frames=T0 + num_frames, temperature=temperature, top_k=top_k, top_p=top_p,
-            guidance_scale=guidance_scale, generator=generator, use_cache=use_cache,
+            total_frames=None if rolling else T0 + num_frames, max_frames=max(window, T0 + 1) if rolling else None,
+            temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, generator=generator,
+            use_cache=use_cache,
         )
-        for _ in range(num_frames):
-            session.step(policy(session) if policy is not None else None)
-        return session.tokens
+        if policy is not None:
+            frames = [session.step(policy(session)) for _ in range(num_frames)]
+        else:
+            frames = [session.step(num_frames=num_frames)]
+        prompt = session.tokens[..., :0] if prompt_tokens is None else prompt_tokens.to(session.buf.device)
+        return torch.cat([prompt, *frames], -1)
 
     # ---- growing and fine-tuning ------------------------------------------------------------------------------
 
@@ -648,7 +665,7 @@ class DynamicsSession:
         if T0 and (int(prompt_tokens.min()) < 0 or int(prompt_tokens.max()) >= cfg.codebook_size):
             raise DynamicsError(f"prompt tokens must lie in [0, {cfg.codebook_size})")
         self.bounded = total_frames is not None
-        Tbuf = int(total_frames) if self.bounded else int(max_frames or cfg.max_frames)
+        Tbuf = int(total_frames) if self.bounded else int(max_frames or cfg.window_frames or cfg.max_frames)
         if Tbuf < max(T0, 1):
             raise DynamicsError(f"the session holds {Tbuf} frames (total_frames / max_frames) but the prompt has {T0}; "
                                 "pass a shorter prompt or a larger max_frames")
@@ -676,6 +693,8 @@ class DynamicsSession:
             n = min(a.shape[1], Tbuf)
             self.act[:, :n] = a[:, :n]
         self.act_preset = n if actions is not None else 0  # leading entries given up front
+        # (B, n) actions past the buffer's end, applied after rollovers (open-ended); a bounded session never gets there
+        self.act_pending = a[:, Tbuf:] if actions is not None and a.shape[1] > Tbuf and not self.bounded else None
         self.sec_preset = 0  # frames [0, sec_preset) of the buffer hold scheduled sections
         self.sec_pending: Optional[Tensor] = None  # (B, n) scheduled sections past the buffer's end (open-ended)
         self.cond_fixed = 0  # frames whose action/section are fixed
@@ -872,7 +891,7 @@ class DynamicsSession:
             self.sec[:, g0:g1] = sections[:, None]
         elif g1 > self.sec_preset:
             for g in range(max(g0, self.sec_preset), g1):
-                self.sec[:, g] = self.sec[:, g - 1] if g > 0 else 0
+                self.sec[:, g] = self.sec[:, g - 1] if g > 0 else self.model.cfg.default_section
         self._write_cond_rows(g0, g1)
         self.cond_fixed = g1
         return g1 - g0
@@ -985,6 +1004,15 @@ class DynamicsSession:
             return self.uniforms
         return torch.rand(B, N, generator=g, device=device)
 
+    @staticmethod
+    def _carry_on(buf: Tensor, preset: int, pending: Optional[Tensor], end: int) -> tuple[int, Optional[Tensor]]:
+        # after a rollover, move the next pending values (given up front, past the old buffer) into the freed room
+        if pending is None or preset != end:
+            return preset, pending
+        n = min(buf.shape[1] - preset, pending.shape[1])
+        buf[:, preset : preset + n] = pending[:, :n]
+        return preset + n, (pending[:, n:] if pending.shape[1] > n else None)
+
     def _rollover(self) -> int:
         """The buffer is full: keep the last `context_frames` complete frames and rebuild the cache from them."""
         if self.bounded:
@@ -1006,11 +1034,9 @@ class DynamicsSession:
             grid[..., W:, :] = float("nan")
         self.cond_fixed -= shift
         self.act_preset, self.sec_preset = max(self.act_preset - shift, 0), max(self.sec_preset - shift, 0)
-        if self.sec_pending is not None and self.sec_preset == Tb - shift:  # a plan longer than the buffer goes on
-            n = min(shift, self.sec_pending.shape[1])
-            self.sec[:, self.sec_preset : self.sec_preset + n] = self.sec_pending[:, :n]
-            self.sec_preset += n
-            self.sec_pending = self.sec_pending[:, n:] if self.sec_pending.shape[1] > n else None
+        # actions and a plan longer than the buffer go on
+        self.act_preset, self.act_pending = self._carry_on(self.act, self.act_preset, self.act_pending, Tb - shift)
+        self.sec_preset, self.sec_pending = self._carry_on(self.sec, self.sec_preset, self.sec_pending, Tb - shift)
         self._write_cond_rows(0, self.cond_fixed)
         self.offset += shift
         self.known = self.frames = W

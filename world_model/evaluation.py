@@ -6,9 +6,13 @@
   injection frame; the action's *meaning* is the event it stands for on real held-out audio (its majority label),
   so a model that ignores actions, or plays the wrong hit, or plays it a frame late, scores low. A model that
   always generates silence scores only on the NOOP action;
+- unbidden_hits_per_second: in the same rollouts, NOOP follows the injected action for `noop_frames` frames; hits
+  heard there were asked for by no action (a model that plays the world's hit rate whatever the action gets about
+  3/s on the default world, one that obeys about 0);
 - delta_psnr: Genie's measure — PSNR of the continuation generated with the clip's own LAM actions minus with
   random actions (positive = the actions carry what happens next);
 - token_ce: held-out teacher-forced cross-entropy of the dynamics given the LAM's actions (and per stream);
+  token_ce_null: the same with the null action throughout (the dynamics alone, comparable across LAMs);
 - on the song world, per-section statistics of generated songs against the truth and cross-stream coupling of
   single-pass vs independently generated stems (`song_eval.py`).
 """
@@ -41,6 +45,7 @@ class EvalWorldConfig:
     contexts_per_action: int = 16  # controllability: injections per used action
     context_frames: int = 45  # prompt length before the injected action
     continuation_frames: int = 8  # frames generated after the injection (the hit lands in the first)
+    noop_frames: int = 40  # frames of NOOP generated after each injection, where no hit was asked for
     tolerance_frames: int = 1  # the detected hit may be this many frames after the injection frame
     psnr_clips: int = 16  # delta_psnr: clips continued with LAM vs random actions
     psnr_frames: int = 60  # frames generated for delta_psnr
@@ -74,11 +79,12 @@ def controllability(model: WorldModel, world, meanings: dict[int, int], cfg: Eva
     # hit anywhere in it (plus the tolerance)
     s = model.stride
     P = max(s, cfg.context_frames // s * s)
-    G = max(cfg.continuation_frames, s + cfg.tolerance_frames + 1)
+    quiet_from = s + cfg.tolerance_frames  # frames after P where the injected hit may no longer land
+    G = max(cfg.continuation_frames, quiet_from + 1, quiet_from + cfg.noop_frames)
     held = _quiet_contexts(world, model.codec, cfg.contexts_per_action, P)
     prompt = held.tokens[:, :, :, :P].to(device)  # (C, S, K, P)
     prompt_actions = model.frame_actions(model.infer_actions(held.mix[:, : P * HOP].to(device)), P)
-    results, exact = {}, {}
+    results, exact, unbidden = {}, {}, {}
     for action, meaning in sorted(meanings.items()):
         actions = torch.full((len(prompt), P + G), noop, dtype=torch.long, device=device)
         actions[:, :P] = prompt_actions
@@ -96,10 +102,13 @@ def controllability(model: WorldModel, world, meanings: dict[int, int], cfg: Eva
             on_time += int(next((e for e in row[P : P + s] if e > 0), 0)) == meaning
         results[action] = hits / len(detected)
         exact[action] = on_time / len(detected)
+        unbidden[action] = float((detected[:, P + quiet_from : P + G] > 0).sum(1).mean()) * FRAME_RATE / (G - quiet_from)
     return {
         "controllability": _balanced_over_events(results, meanings, world.num_events),
         "controllability_exact_frame": _balanced_over_events(exact, meanings, world.num_events),
-        "per_action": {str(a): {"event": meanings[a], "accuracy": round(results[a], 3)} for a in results},
+        "unbidden_hits_per_second": float(np.mean(list(unbidden.values()))) if unbidden else 0.0,
+        "per_action": {str(a): {"event": meanings[a], "accuracy": round(results[a], 3),
+                                "unbidden_hits_per_second": round(unbidden[a], 3)} for a in results},
     }
 
 
@@ -172,6 +181,7 @@ def evaluate(model: WorldModel, world_cfg, cfg: EvalWorldConfig, device="cpu") -
         "actions_used": len(meanings),
         "actions_per_second": FRAME_RATE / model.stride,
         **heldout_token_ce(model, data, torch.from_numpy(actions), device),
+        **heldout_token_ce(model, data, None, device),
         "action_table": contingency(actions, labels).tolist(),
     }
     if world_cfg["name"] == "drums":

@@ -119,6 +119,10 @@ class Trainer:
             self.train_data = cached_world_tensors(self.world, codec, t.train_clips, self.out / "cache", world_cfg)
             held_world = make_world(cfg.world, seed=t.eval_seed)
             self.eval_data = cached_world_tensors(held_world, codec, t.eval_clips, self.out / "cache", world_cfg)
+        dyn_cfg = self.model.dynamics.cfg  # what generation should assume of the clips it never saw (DynamicsConfig)
+        dyn_cfg.window_frames = max(dyn_cfg.window_frames, self.train_data.tokens.shape[-1])
+        if not self.init:  # a grown model keeps its base's default section
+            dyn_cfg.default_section = int(self.train_data.sections.flatten().bincount().argmax())
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.batches = torch.Generator().manual_seed(int(cfg.seed))
         self.sampler = GlobalBatchSampler(len(self.train_data), t.batch_size, self.batches, self.dist)
@@ -317,7 +321,7 @@ class Trainer:
         model.dynamics.eval()
         actions = torch.cat([model.infer_actions(data.mix[i : i + 64].to(self.device)) for i in range(0, len(data), 64)]).cpu()
         events = action_targets(data.events, model.stride, actions.shape[1])
-        ce = heldout_token_ce(model, data, actions, self.device)
+        ce = {**heldout_token_ce(model, data, actions, self.device), **heldout_token_ce(model, data, None, self.device)}
         model.lam.train(lam_mode)
         model.dynamics.train(dyn_mode)
         return {"action_nmi": normalized_mutual_info(actions.numpy(), events), **ce,
@@ -344,20 +348,23 @@ class WorldLoss(nn.Module):
 
 
 @torch.no_grad()
-def heldout_token_ce(model: WorldModel, data: WorldTensors, actions: torch.Tensor, device, batch: int = 32) -> dict[str, float]:
+def heldout_token_ce(model: WorldModel, data: WorldTensors, actions: torch.Tensor | None, device, batch: int = 32) -> dict[str, float]:
     """Teacher-forced token cross-entropy (nats) given LAM actions (N, J): `token_ce` over every stream and
-    `token_ce_<stream>` per stream."""
+    `token_ce_<stream>` per stream. With actions None every frame gets the null action and the keys are
+    `token_ce_null…`: what the dynamics predict from the tokens alone, which compares models whose LAMs differ
+    (a LAM that heard a stream announces its notes; one that did not cannot)."""
     T = data.tokens.shape[-1]
     names = model.stream_names
     sums = torch.zeros(len(names))
     for i in range(0, len(data), batch):
         tokens = data.tokens[i : i + batch].to(device)
-        logits, _ = model.dynamics(tokens, model.frame_actions(actions[i : i + batch].to(device), T),
-                                   data.sections[i : i + batch].to(device))  # (B, S, K, T, V)
+        frame_actions = None if actions is None else model.frame_actions(actions[i : i + batch].to(device), T)
+        logits, _ = model.dynamics(tokens, frame_actions, data.sections[i : i + batch].to(device))  # (B, S, K, T, V)
         ce = F.cross_entropy(logits.movedim(-1, 1), tokens, reduction="none")  # (B, S, K, T)
         sums += ce.transpose(0, 1).reshape(len(names), -1).sum(1).cpu()
     per_stream = sums / (len(data) * data.tokens.shape[2] * T)
-    return {"token_ce": float(per_stream.mean()), **{f"token_ce_{n}": float(v) for n, v in zip(names, per_stream)}}
+    key = "token_ce" if actions is not None else "token_ce_null"
+    return {key: float(per_stream.mean()), **{f"{key}_{n}": float(v) for n, v in zip(names, per_stream)}}
 
 
 def _grown_model(init: str, add_streams: list[str], world, world_cfg: dict, device) -> WorldModel:
