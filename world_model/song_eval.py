@@ -324,7 +324,8 @@ def evaluate_songs(model, world_cfg: dict, cfg: SongEvalConfig, eval_seed: int, 
     beat = np.stack([c.extra["beat"] for c in clips])
     labels = np.stack([c.events for c in clips])
     tokens = data.tokens.to(device)  # (n, S, K, T)
-    train_frames = int(model.world.get("clip_seconds", cfg.song_seconds) * SAMPLE_RATE) // HOP
+    # the training window (checkpoints before it was recorded: the world's clip length)
+    train_frames = model.dynamics.cfg.window_frames or int(model.world.get("clip_seconds", cfg.song_seconds) * SAMPLE_RATE) // HOP
     listener = StemListener(stems)
 
     def hear(tok: torch.Tensor) -> dict[str, np.ndarray]:

@@ -116,9 +116,9 @@ class WorldModel(nn.Module):
         prompt's actions). actions: per-frame (B, T0 + num_frames) in the dynamics convention, or a policy
         `policy(session) -> (B,)` called once per new frame. sections: the song's form from frame 0 (prompt
         included) — a plan [(section, frames), ...] (the last section runs on), per-frame ids (B, T) / (T,), or one
-        section name or id; for songs longer than the model's training window, give the plan to an open-ended
-        `dynamics.new_session(..., max_frames=window)` or `session.plan_sections(plan)`, which keep it across
-        rollovers. Returns {"tokens": (B, S, K, T0 + num_frames)} and, with decode=True, {"audio": (B, S, N)}.
+        section name or id; None: the section the model's training clips carry most. Past the model's training
+        window (`dynamics.cfg.window_frames`) the context rolls over, keeping the actions and the plan. Returns
+        {"tokens": (B, S, K, T0 + num_frames)} and, with decode=True, {"audio": (B, S, N)}.
         """
         if prompt.dim() == 3 and prompt.is_floating_point():
             audio = prompt
