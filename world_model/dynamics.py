@@ -382,8 +382,9 @@ class DynamicsModel(nn.Module):
         `batch`). actions (B, T) / sections: per-frame values known up front (see `DynamicsSession`);
         total_frames: end the sequence there (bounded, as `generate`), else open-ended with a `max_frames` buffer
         (default: the model's `window_frames`, else its `max_frames`) that keeps the last `context_frames` (default
-        half the buffer) when full; actions and a section plan longer than the buffer carry over rollovers. Sampling arguments as in `generate`; keep_logits records
-        the logits every sampled entry was drawn from (`session.logits`)."""
+        half the buffer) when full; actions and a section plan longer than the buffer carry over rollovers.
+        Sampling arguments as in `generate`; keep_logits records the logits every sampled entry was drawn from
+        (`session.logits`)."""
         return DynamicsSession(
             self, prompt_tokens, actions, sections, styles, batch=batch, total_frames=total_frames, max_frames=max_frames,
             context_frames=context_frames, temperature=temperature, top_k=top_k, top_p=top_p,
