@@ -364,3 +364,39 @@ def test_stem_crops_cover_every_stem_at_a_common_level():
     assert not np.allclose(batch, mixes)
     with pytest.raises(ConfigError, match="source"):
         CodecRecipe(source="stem").validate()
+
+
+def test_latent_change_ignores_scale_and_offset_and_is_small_for_a_latent_that_holds_still():
+    from melodjinn.world_model.codec_training import latent_change
+
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 8, 40, generator=g)
+    held = noisy[..., :1].expand(-1, -1, 40).clone()
+    held[..., 20:] += 3.0  # one jump, as at a note's onset, then still again
+    assert latent_change(held) < 0.1 * latent_change(noisy)
+    assert torch.isclose(latent_change(noisy * 7.0 + 5.0), latent_change(noisy))
+
+
+def test_latent_steadiness_makes_the_codec_latent_hold_still(tmp_path):
+    """A seeded tiny run with train.loss.latent_steadiness moves less from frame to frame on held-out audio than the
+    same run without it (the weight is what a song codec needs for steady codes on held notes)."""
+    from melodjinn.cli.main import run
+    from melodjinn.world_model.codec_training import latent_change
+    from melodjinn.world_model.song_world import SongWorld, SongWorldConfig
+
+    small = ["world=songs", "train.source=stems", "train.model.n_filters=2", "train.model.codebook_size=8",
+             "train.model.kmeans_iters=2", "train.batch_size=4", "train.crop_seconds=0.3", "train.warmup_steps=30",
+             "train.kmeans_batches=1", "train.eval_clips=1", "train.eval_every=100", "train.checkpoint_every=100",
+             "world.clip_seconds=0.5", "train.loss.fft_sizes=[256,64]", "train.steps=40"]
+    run("train-codec", f"out={tmp_path / 'plain'}", *small)
+    run("train-codec", f"out={tmp_path / 'steady'}", "train.loss.latent_steadiness=2", *small)
+    world = SongWorld(SongWorldConfig(clip_seconds=0.5, song_seconds=24.0), seed=1000)
+    x = torch.from_numpy(np.stack([world.clip(i).stems[1] for i in range(4)])).float()[:, None]  # bass stems
+    change = {}
+    for name in ("plain", "steady"):
+        codec = TinyCodec.load(tmp_path / name)
+        with torch.no_grad():
+            change[name] = float(latent_change(codec.encoder(x * codec.config.input_gain)))
+    assert change["steady"] < 0.7 * change["plain"], change
+    with pytest.raises(ConfigError, match="latent_steadiness"):
+        run("train-codec", f"out={tmp_path / 'bad'}", "train.loss.latent_steadiness=-1", *small)

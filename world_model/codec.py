@@ -380,7 +380,8 @@ class TinyCodec(nn.Module):
     # training-time API -----------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, n_q: int | None = None, quantize: bool = True):
-        """(B, 1, N) → reconstruction (B, 1, N), codes (K', B, T) or None, commitment loss (scalar).
+        """(B, 1, N) → reconstruction (B, 1, N), codes (K', B, T) or None, commitment loss (scalar), and the
+        encoder's latent (B, D, T) before quantisation.
 
         `quantize=False` bypasses the quantizer (the warm-up phase); `n_q` < K uses only the first codebooks
         (quantizer dropout).
@@ -392,7 +393,7 @@ class TinyCodec(nn.Module):
             commit = commit.mean()
         else:
             q, codes, commit = emb, None, emb.new_zeros(())
-        return self.decoder(q)[..., :n] / self.config.input_gain, codes, commit
+        return self.decoder(q)[..., :n] / self.config.input_gain, codes, commit, emb
 
     @torch.no_grad()
     def init_quantizer(self, emb: torch.Tensor) -> None:

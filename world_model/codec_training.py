@@ -47,6 +47,8 @@ class LossConfig:
     preemphasis_waveform: bool = True  # include the waveform term in the copy (it penalises noise that is not phase-exact)
     waveform_bands: list[float] = field(default_factory=list)  # band edges (Hz): relative error per band, averaged
     commitment: float = 1.0  # weight of the VQ commitment loss
+    latent_steadiness: float = 0.0  # weight of the latent's frame-to-frame change (L1, relative to its spread):
+    # codes that stay put while a sound holds steady, so a token model need not follow a held tone's phase (0 = off)
 
 
 @dataclass
@@ -80,6 +82,8 @@ class CodecRecipe:
             raise ConfigError("train.batch_size must be >= 1 and train.crop_seconds at least one frame (0.0134 s)")
         if not 0 <= self.quantizer_dropout <= 1:
             raise ConfigError(f"train.quantizer_dropout={self.quantizer_dropout}: must be a probability in [0, 1]")
+        if self.loss.latent_steadiness < 0:
+            raise ConfigError(f"train.loss.latent_steadiness={self.loss.latent_steadiness}: must be >= 0 (0 = off)")
         for name in ("eval_every", "checkpoint_every", "log_every", "kmeans_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
@@ -161,6 +165,14 @@ def reconstruction_loss(y: torch.Tensor, x: torch.Tensor, loss: LossConfig) -> d
         total = total + loss.preemphasis_weight * copy
     terms["reconstruction"] = total
     return terms
+
+
+def latent_change(latent: torch.Tensor) -> torch.Tensor:
+    """Mean |z[t] - z[t-1]| over frames, relative to how far z strays from its own mean over the clip; latent
+    (B, D, T). Neither scaling the latent nor adding a constant to it changes the score, so only holding still
+    lowers it; an L1 change, so a latent that jumps at a note's onset and then holds still scores low."""
+    spread = (latent - latent.mean(-1, keepdim=True)).abs().mean()
+    return (latent[..., 1:] - latent[..., :-1]).abs().mean() / spread.clamp(min=1e-8)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -332,9 +344,10 @@ def train_codec(cfg: DictConfig) -> dict[str, Any]:
         lr = lr_at(step, recipe.lr, recipe.lr_warmup_steps, recipe.steps, recipe.lr_final_fraction)
         for group in opt.param_groups:
             group["lr"] = lr
-        y, _, commit = model(x, n_q=n_q, quantize=quantize)
+        y, _, commit, latent = model(x, n_q=n_q, quantize=quantize)
         terms = reconstruction_loss(y, x, recipe.loss)
-        loss = terms["reconstruction"] + recipe.loss.commitment * commit
+        terms["latent_change"] = latent_change(latent)
+        loss = terms["reconstruction"] + recipe.loss.commitment * commit + recipe.loss.latent_steadiness * terms["latent_change"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
