@@ -47,8 +47,9 @@ class LossConfig:
     preemphasis_waveform: bool = True  # include the waveform term in the copy (it penalises noise that is not phase-exact)
     waveform_bands: list[float] = field(default_factory=list)  # band edges (Hz): relative error per band, averaged
     commitment: float = 1.0  # weight of the VQ commitment loss
-    latent_steadiness: float = 0.0  # weight of the latent's frame-to-frame change (L1, relative to its spread):
-    # codes that stay put while a sound holds steady, so a token model need not follow a held tone's phase (0 = off)
+    latent_steadiness: float = 0.0  # weight of the latent's frame-to-frame change (L1, relative to its spread) once
+    # the quantizer is on: codes that stay put while a sound holds, so a token model need not follow a held tone's
+    # phase (0 = off)
 
 
 @dataclass
@@ -347,7 +348,9 @@ def train_codec(cfg: DictConfig) -> dict[str, Any]:
         y, _, commit, latent = model(x, n_q=n_q, quantize=quantize)
         terms = reconstruction_loss(y, x, recipe.loss)
         terms["latent_change"] = latent_change(latent)
-        loss = terms["reconstruction"] + recipe.loss.commitment * commit + recipe.loss.latent_steadiness * terms["latent_change"]
+        loss = terms["reconstruction"] + recipe.loss.commitment * commit
+        if quantize:  # from the start it wins: a still latent that carries no sound (the output stays silent)
+            loss = loss + recipe.loss.latent_steadiness * terms["latent_change"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
