@@ -33,7 +33,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "demo": Command("melodjinn.cli.demo:demo", "Steer the shipped drum world model with its discovered actions; writes WAVs, prints one JSON line."),
     "render-world": Command("melodjinn.world_model.render:render_world", "Write a synthetic world's WAV stems, mix and per-frame labels to out=DIR."),
-    "train-codec": Command("melodjinn.world_model.codec_training:train_codec", "Train the tiny codec on a synthetic world; writes safetensors + config.json to out=DIR."),
+    "train-codec": Command("melodjinn.world_model.codec_training:train_codec", "Train a codec (tiny or additive) on a synthetic world; writes safetensors + config.json to out=DIR."),
     "eval-codec": Command("melodjinn.world_model.codec_eval:eval_codec", "Print one JSON line of codec metrics (SI-SNR, drum-event F1) on held-out world audio."),
     "tokenize": Command("melodjinn.world_model.token_cache:tokenize", "Tokenise a folder of audio files (data.path=DIR) into an on-disk token cache (out=DIR)."),
     "train-world": Command("melodjinn.world_model.training:train_world", "Jointly train the latent action model and the multi-stream dynamics on a world (out=DIR, resume=true)."),

@@ -137,7 +137,7 @@ def test_shipped_codec_loads_and_roundtrips():
 
 
 def test_load_codec_config_errors():
-    with pytest.raises(ConfigError, match="tiny or encodec_24khz"):
+    with pytest.raises(ConfigError, match="tiny, additive or encodec_24khz"):
         load_codec(OmegaConf.create({"name": "mp3"}))
     with pytest.raises(ConfigError, match="codec.checkpont"):
         load_codec(OmegaConf.create({"name": "tiny", "checkpont": "x"}))

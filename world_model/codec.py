@@ -1,12 +1,14 @@
 """Codecs: waveform (B, 1, N) ⇄ discrete codes (B, K, T).
 
-Two implementations share the `Codec` interface:
+Three implementations share the `Codec` interface:
 - `EncodecCodec`: pretrained EnCodec 24 kHz (the `encodec` package) from a local checkpoint file;
-- `TinyCodec`: the same encodec building blocks at small width, trained by this project (`train-codec`).
+- `TinyCodec`: the same encodec building blocks at small width, trained by this project (`train-codec`);
+- `AdditiveCodec` (`additive_codec.py`): a phase-free codec, magnitude spectra in and a sinusoid bank out, also
+  trained here. It and `TinyCodec` share `TrainedCodec` (quantizer, training API, persistence).
 
-`load_codec(cfg.codec)` builds either from its config node (`configs/codec/*.yaml`).
+`load_codec(cfg.codec)` builds any of them from its config node (`configs/codec/*.yaml`).
 
-Both are deterministic: in eval mode encoding is a nearest-neighbour search, so the same audio always gives the
+All are deterministic: in eval mode encoding is a nearest-neighbour search, so the same audio always gives the
 same codes. Codes are int64 in [0, codebook_size); T = ceil(N / 320) frames at 75 frames/s.
 """
 
@@ -333,33 +335,44 @@ class TinyCodecConfig:
         return self
 
 
-class TinyCodec(nn.Module):
-    """SEANet encoder/decoder + residual VQ at small width (about 0.7 M parameters, 2.8 MB)."""
+class TrainedCodec(nn.Module):
+    """What the codecs this project trains share: a residual VQ between an encoder and a decoder, the training
+    API `train-codec` drives, the `Codec` API, and persistence (`config.json` + `codec.safetensors`).
 
-    name = "tiny"
+    A subclass sets `name` and `config_class`, builds `embed` (audio → latent) and `decode_latent` (quantised
+    latent → audio), and calls `_build_quantizer(K)` in its constructor (a subclass whose codes are more than
+    the quantised latent overrides `forward`, `encode` and `decode` too).
+    """
+
+    name: str
+    config_class: type
     sample_rate = SAMPLE_RATE
     frame_rate = FRAME_RATE
 
-    def __init__(self, config: TinyCodecConfig | None = None):
+    def __init__(self, config: Any):
         super().__init__()
-        self.config = (config or TinyCodecConfig()).validate()
-        c = self.config
+        self.config = config
+
+    def _build_quantizer(self, num_codebooks: int) -> None:
         import_encodec()
-        from encodec.modules import SEANetDecoder, SEANetEncoder
         from encodec.quantization import ResidualVectorQuantizer
 
-        common = dict(channels=1, dimension=c.dimension, n_filters=c.n_filters, ratios=list(c.ratios), lstm=c.lstm_layers,
-                      n_residual_layers=c.n_residual_layers, causal=c.causal, norm=c.norm)
-        with _quiet_weight_norm():
-            self.encoder = SEANetEncoder(**common)
-            self.decoder = SEANetDecoder(**common)
+        c = self.config
         # kmeans_init=True leaves the codebooks empty until `init_quantizer` (or the first quantised training
         # forward) fills them from real encoder outputs.
         self.quantizer = ResidualVectorQuantizer(
-            dimension=c.dimension, n_q=c.num_codebooks, bins=c.codebook_size, decay=c.ema_decay, kmeans_init=True,
+            dimension=c.dimension, n_q=num_codebooks, bins=c.codebook_size, decay=c.ema_decay, kmeans_init=True,
             kmeans_iters=c.kmeans_iters, threshold_ema_dead_code=c.dead_code_threshold,  # type: ignore[arg-type]
         )
         self.eval()
+
+    def embed(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(B, 1, N) → (B, D, T) encoder outputs before quantisation (what the codebooks are fitted to)."""
+        raise NotImplementedError
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, D, T) quantised latent → (B, 1, ≥ T·HOP) audio."""
+        raise NotImplementedError
 
     @property
     def num_codebooks(self) -> int:
@@ -387,13 +400,13 @@ class TinyCodec(nn.Module):
         (quantizer dropout).
         """
         n = x.shape[-1]
-        emb = self.encoder(x * self.config.input_gain)  # (B, D, T)
+        emb = self.embed(x)  # (B, D, T)
         if quantize:
             q, codes, commit = self.quantizer.vq(emb, n_q=n_q or self.num_codebooks)  # (B, D, T), (K', B, T), (K',)
             commit = commit.mean()
         else:
             q, codes, commit = emb, None, emb.new_zeros(())
-        return self.decoder(q)[..., :n] / self.config.input_gain, codes, commit, emb
+        return self.decode_latent(q)[..., :n], codes, commit, emb
 
     @torch.no_grad()
     def init_quantizer(self, emb: torch.Tensor) -> None:
@@ -410,21 +423,17 @@ class TinyCodec(nn.Module):
     @torch.no_grad()
     def encode(self, waveform: torch.Tensor) -> torch.Tensor:
         if not self.quantizer_ready:
-            raise CheckpointError("this TinyCodec has no trained codebooks; load a trained one (codec.checkpoint=codec-drums) or train it (melodjinn train-codec)")
+            raise CheckpointError(f"this {type(self).__name__} has no trained codebooks; load a trained one "
+                                  "(codec.checkpoint=...) or train it (melodjinn train-codec)")
         x = _check_waveform(waveform, self.device)  # (B, 1, N)
-        emb = self.encoder(x * self.config.input_gain)  # (B, D, T)
-        codes = self.quantizer.vq.encode(emb, n_q=self.num_codebooks)  # (K, B, T)
+        codes = self.quantizer.vq.encode(self.embed(x), n_q=self.num_codebooks)  # (K, B, T)
         return codes.transpose(0, 1).contiguous()  # (B, K, T)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         codes = _check_codes(codes, self.num_codebooks, self.codebook_size, self.device)
         emb = self.quantizer.vq.decode(codes.transpose(0, 1))  # (B, D, T)
-        return self.decoder(emb)[..., : codes.shape[-1] * HOP] / self.config.input_gain  # (B, 1, T * hop)
-
-    def embed(self, waveform: torch.Tensor) -> torch.Tensor:
-        """(B, 1, N) → (B, D, T) encoder outputs before quantisation (what the codebooks are fitted to)."""
-        return self.encoder(waveform * self.config.input_gain)
+        return self.decode_latent(emb)[..., : codes.shape[-1] * HOP]  # (B, 1, T * hop)
 
     @property
     def extra_info(self) -> dict[str, Any]:
@@ -441,20 +450,23 @@ class TinyCodec(nn.Module):
         return save_artifact(directory, ARTIFACT_KIND, self.artifact_config(**config_more), {WEIGHTS_NAME: self.state_dict()}, extra)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "TinyCodec":
-        """A trained tiny codec from a checkpoint directory (or a shipped name such as `codec-drums`)."""
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "TrainedCodec":
+        """A trained codec from a checkpoint directory (or a shipped name such as `codec-drums`). Called on
+        `TrainedCodec`, it builds whichever kind the directory holds; on a subclass, only that kind."""
         from melodjinn.world_model.artifacts import load_artifact_config, load_tensors, resolve_checkpoint
 
         directory = resolve_checkpoint(directory)
         meta = load_artifact_config(directory, ARTIFACT_KIND)
         saved = meta.get("config", {})
-        if saved.get("name") != cls.name:
-            raise CheckpointError(f"{directory} holds a {saved.get('name')!r} codec, not a tiny codec; use codec.name={saved.get('name')}")
+        kind = trained_codecs().get(saved.get("name")) if cls is TrainedCodec else cls
+        if kind is None or saved.get("name") != kind.name:
+            want = " or ".join(trained_codecs()) if kind is None else kind.name
+            raise CheckpointError(f"{directory} holds a {saved.get('name')!r} codec, not a {want} codec; "
+                                  f"use codec.name={saved.get('name')}")
         for key, want in (("sample_rate", SAMPLE_RATE), ("hop", HOP)):
             if saved.get(key) != want:
                 raise CheckpointError(f"{directory}: config.json has {key}={saved.get(key)}, this code uses {key}={want}")
-        config = _config_from_saved(saved.get("model"), directory)
-        model = cls(config)
+        model = kind(_config_from_saved(kind.config_class, saved.get("model"), directory))
         state = load_tensors(directory / f"{WEIGHTS_NAME}.safetensors")
         _check_state(model, state, directory)
         model.load_state_dict(state)
@@ -462,10 +474,43 @@ class TinyCodec(nn.Module):
         return model.to(device).eval()
 
 
-def _config_from_saved(saved: Any, directory: Path) -> TinyCodecConfig:
+class TinyCodec(TrainedCodec):
+    """SEANet encoder/decoder + residual VQ at small width (about 0.7 M parameters, 2.8 MB)."""
+
+    name = "tiny"
+    config_class = TinyCodecConfig
+
+    def __init__(self, config: TinyCodecConfig | None = None):
+        super().__init__((config or TinyCodecConfig()).validate())
+        c = self.config
+        import_encodec()
+        from encodec.modules import SEANetDecoder, SEANetEncoder
+
+        common = dict(channels=1, dimension=c.dimension, n_filters=c.n_filters, ratios=list(c.ratios), lstm=c.lstm_layers,
+                      n_residual_layers=c.n_residual_layers, causal=c.causal, norm=c.norm)
+        with _quiet_weight_norm():
+            self.encoder = SEANetEncoder(**common)
+            self.decoder = SEANetDecoder(**common)
+        self._build_quantizer(c.num_codebooks)
+
+    def embed(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.encoder(waveform * self.config.input_gain)
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent) / self.config.input_gain
+
+
+def trained_codecs() -> dict[str, type[TrainedCodec]]:
+    """The codecs this project trains, by the name their checkpoints record."""
+    from melodjinn.world_model.additive_codec import AdditiveCodec
+
+    return {TinyCodec.name: TinyCodec, AdditiveCodec.name: AdditiveCodec}
+
+
+def _config_from_saved(config_class: type, saved: Any, directory: Path) -> Any:
     if not isinstance(saved, dict):
         raise CheckpointError(f"{directory}/config.json has no codec model config (config.model); re-create the checkpoint")
-    known = {f.name for f in fields(TinyCodecConfig)}
+    known = {f.name for f in fields(config_class)}
     unknown = sorted(set(saved) - known)
     missing = sorted(known - set(saved))
     if unknown or missing:
@@ -474,10 +519,10 @@ def _config_from_saved(saved: Any, directory: Path) -> TinyCodecConfig:
             parts.append(f"fields this code does not know: {', '.join(unknown)}")
         if missing:
             parts.append(f"fields this code needs but the checkpoint lacks: {', '.join(missing)}")
-        raise CheckpointError(f"{directory}/config.json does not match this code's TinyCodecConfig ({'; '.join(parts)}); "
+        raise CheckpointError(f"{directory}/config.json does not match this code's {config_class.__name__} ({'; '.join(parts)}); "
                               "use the melodjinn version that wrote it or retrain with melodjinn train-codec")
     try:
-        return TinyCodecConfig(**saved).validate()
+        return config_class(**saved).validate()
     except ConfigError as exc:
         raise CheckpointError(f"{directory}/config.json: {exc}") from None
 
@@ -508,8 +553,8 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Pa
 
 
 @dataclass
-class TinyCodecSpec:
-    name: str = "tiny"
+class TrainedCodecSpec:
+    name: str = "tiny"  # tiny | additive: the kind of codec the checkpoint holds
     checkpoint: str = "codec-drums"  # shipped checkpoint name or a directory written by `melodjinn train-codec`
 
 
@@ -521,20 +566,20 @@ class EncodecSpec:
     allow_download: bool = False  # fetch the weights with the encodec package when no local file exists
 
 
-def load_codec(cfg: Any, device: str | torch.device = "cpu") -> TinyCodec | EncodecCodec:
-    """Build the codec a `codec` config node names (`name: tiny` or `name: encodec_24khz`), in eval mode."""
+def load_codec(cfg: Any, device: str | torch.device = "cpu") -> TrainedCodec | EncodecCodec:
+    """Build the codec a `codec` config node names (`name: tiny`, `additive` or `encodec_24khz`), in eval mode."""
     from melodjinn.world_model.runtime import to_dataclass
 
     if cfg is None:
         raise ConfigError("no codec config given; use codec=tiny or codec=encodec_24khz")
     name = cfg.get("name") if hasattr(cfg, "get") else getattr(cfg, "name", None)
-    if name == "tiny":
-        spec = to_dataclass(TinyCodecSpec, cfg, "codec")
-        return TinyCodec.load(spec.checkpoint, device=device)
+    if name in trained_codecs():
+        spec = to_dataclass(TrainedCodecSpec, cfg, "codec")
+        return trained_codecs()[name].load(spec.checkpoint, device=device)
     if name in ("encodec_24khz", "encodec"):
         spec = to_dataclass(EncodecSpec, {**_as_dict(cfg), "name": "encodec_24khz"}, "codec")
         return EncodecCodec(spec.bandwidth, spec.checkpoint_path, spec.allow_download).to(device).eval()
-    raise ConfigError(f"codec.name={name!r} is not a codec; use tiny or encodec_24khz")
+    raise ConfigError(f"codec.name={name!r} is not a codec; use tiny, additive or encodec_24khz")
 
 
 def _as_dict(cfg: Any) -> dict:

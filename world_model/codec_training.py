@@ -1,13 +1,14 @@
-"""`melodjinn train-codec`: train the tiny codec on a synthetic world.
+"""`melodjinn train-codec`: train one of the project's codecs on a synthetic world.
 
-The recipe (`configs/train/codec.yaml`, schema `CodecRecipe`) follows what worked on one CPU thread
+`train.codec` picks the codec: `tiny` (SEANet, `configs/train/codec.yaml`) or `additive` (phase-free,
+`train=codec_additive`, `configs/train/codec_additive.yaml`). The recipe (schema `CodecRecipe`) follows what worked on one CPU thread
 (DESIGN.md §11): an autoencoder warm-up without the quantizer, then a k-means initialisation of the residual VQ
 from real encoder outputs, fast-EMA codebooks with a low dead-code threshold, quantizer dropout, and a
 reconstruction loss made of waveform L1 + multi-resolution spectral terms, applied to the audio and to a
 pre-emphasised copy of it (otherwise the quiet noise of a hi-hat above 7 kHz is never learned).
 
 The output directory is a codec checkpoint at every save (`config.json` + `codec.safetensors`, loadable with
-`TinyCodec.load`), plus `train_state.safetensors` (weights + optimiser state + step in one file, so it is
+`TrainedCodec.load`), plus `train_state.safetensors` (weights + optimiser state + step in one file, so it is
 always self-consistent) to resume from after a kill. All randomness of step s is seeded from (seed, s), so a
 resumed run reproduces an uninterrupted one.
 """
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from melodjinn.world_model.artifacts import CONFIG_FILE, load_tensors, read_json, save_tensors
-from melodjinn.world_model.codec import HOP, SAMPLE_RATE, TinyCodec, TinyCodecConfig
+from melodjinn.world_model.codec import HOP, SAMPLE_RATE, TrainedCodec, trained_codecs
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.optim import lr_at
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
@@ -54,7 +55,8 @@ class LossConfig:
 
 @dataclass
 class CodecRecipe:
-    model: TinyCodecConfig = field(default_factory=TinyCodecConfig)
+    codec: str = "tiny"  # tiny | additive: which codec to train (codec.py, additive_codec.py)
+    model: Any = field(default_factory=dict)  # that codec's architecture (TinyCodecConfig / AdditiveCodecConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     steps: int = 1500
     warmup_steps: int = 300  # autoencoder steps before the quantizer is switched on
@@ -75,6 +77,10 @@ class CodecRecipe:
     log_every: int = 10
 
     def validate(self) -> "CodecRecipe":
+        kinds = trained_codecs()
+        if self.codec not in kinds:
+            raise ConfigError(f"train.codec={self.codec!r}: choose {' or '.join(kinds)}")
+        self.model = to_dataclass(kinds[self.codec].config_class, self.model, "train.model")
         if self.source not in ("mix", "stems"):
             raise ConfigError(f"train.source={self.source!r}: choose mix or stems")
         if self.steps < 1 or not 0 <= self.warmup_steps < self.steps:
@@ -226,7 +232,7 @@ class _Clock:
         self.cpu += time.process_time() - self._cpu
 
 
-def _save_train_state(out: Path, model: TinyCodec, opt: torch.optim.Optimizer, step: int, clock: _Clock) -> None:
+def _save_train_state(out: Path, model: TrainedCodec, opt: torch.optim.Optimizer, step: int, clock: _Clock) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     params = [p for group in opt.param_groups for p in group["params"]]
     for i, p in enumerate(params):
@@ -237,7 +243,7 @@ def _save_train_state(out: Path, model: TinyCodec, opt: torch.optim.Optimizer, s
     save_tensors(out / TRAIN_STATE, tensors, metadata={"step": str(step), "wall_seconds": f"{clock.wall:.3f}", "cpu_seconds": f"{clock.cpu:.3f}"})
 
 
-def _load_train_state(out: Path, model: TinyCodec, opt: torch.optim.Optimizer) -> tuple[int, _Clock]:
+def _load_train_state(out: Path, model: TrainedCodec, opt: torch.optim.Optimizer) -> tuple[int, _Clock]:
     from safetensors import safe_open
 
     tensors = load_tensors(out / TRAIN_STATE)
@@ -286,7 +292,7 @@ def _differences(a: Any, b: Any, where: str) -> list[str]:
 
 
 def train_codec(cfg: DictConfig) -> dict[str, Any]:
-    """Train the tiny codec on `cfg.world` (seed `cfg.seed`) into `cfg.out`; returns the summary dict."""
+    """Train the codec `cfg.train.codec` on `cfg.world` (seed `cfg.seed`) into `cfg.out`; returns the summary dict."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -303,12 +309,12 @@ def train_codec(cfg: DictConfig) -> dict[str, Any]:
     world_cfg = OmegaConf.to_container(cfg.world, resolve=True)
     world = make_world(cfg.world, seed=seed)
     heldout = heldout_clips(cfg.world, recipe.eval_seed, recipe.eval_clips)
-    run_config = {"name": "tiny", "model": asdict(recipe.model), "sample_rate": SAMPLE_RATE, "hop": HOP,
+    run_config = {"name": recipe.codec, "model": asdict(recipe.model), "sample_rate": SAMPLE_RATE, "hop": HOP,
                   "train": _plain(asdict(recipe)), "world": world_cfg, "seed": seed}
     run_config["train"].pop("model")
 
     torch.manual_seed(seed)
-    model = TinyCodec(recipe.model).to(device)
+    model = trained_codecs()[recipe.codec](recipe.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=recipe.lr, betas=(0.8, 0.99))
 
@@ -397,7 +403,7 @@ def train_codec(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _init_quantizer(model: TinyCodec, world: Any, step: int, recipe: CodecRecipe, seed: int, device: torch.device) -> None:
+def _init_quantizer(model: TrainedCodec, world: Any, step: int, recipe: CodecRecipe, seed: int, device: torch.device) -> None:
     """k-means-initialise the codebooks on encoder outputs of `kmeans_batches` training batches."""
     with torch.no_grad():
         embs = [model.embed(training_batch(world, step + i, recipe, seed + 1).to(device)) for i in range(recipe.kmeans_batches)]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from melodjinn.world_model.artifacts import load_artifact_config, load_tensors, resolve_checkpoint, save_artifact
-from melodjinn.world_model.codec import TinyCodec, codec_info, load_codec
+from melodjinn.world_model.codec import TrainedCodec, codec_info, load_codec
 from melodjinn.world_model.dynamics import DynamicsConfig, DynamicsModel, expand_actions
 from melodjinn.world_model.errors import CheckpointError, DataError
 from melodjinn.world_model.lam import LAMConfig, LatentActionModel
@@ -141,12 +141,12 @@ class WorldModel(nn.Module):
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
         directory = Path(directory)
         codec_dir = directory / "codec"
-        if isinstance(self.codec, TinyCodec) and not (codec_dir / "config.json").exists():
+        if isinstance(self.codec, TrainedCodec) and not (codec_dir / "config.json").exists():
             self.codec.save(codec_dir)
         config = {
             "lam": asdict(self.lam.cfg),
             "dynamics": self.dynamics.config_dict(),
-            "codec": {"bundled": isinstance(self.codec, TinyCodec), **codec_info(self.codec)},
+            "codec": {"bundled": isinstance(self.codec, TrainedCodec), **codec_info(self.codec)},
             "world": self.world,
         }
         return save_artifact(directory, ARTIFACT_KIND, config, {"lam": self.lam.state_dict(), "dynamics": self.dynamics.state_dict()}, extra)
@@ -160,7 +160,7 @@ class WorldModel(nn.Module):
         if codec is None:
             if not cfg["codec"].get("bundled"):
                 raise CheckpointError(f"{directory} was trained with codec {cfg['codec'].get('name')!r}, which is not bundled; pass codec=... to load it")
-            codec = TinyCodec.load(directory / "codec", device=device)
+            codec = TrainedCodec.load(directory / "codec", device=device)
         elif not hasattr(codec, "encode"):
             codec = load_codec(codec, device=device)
         if codec.num_codebooks != cfg["dynamics"]["num_codebooks"]:
