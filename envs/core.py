@@ -29,7 +29,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
-from melodjinn.world_model.codec_stream import StreamingDecoder
+from melodjinn.world_model.codec_stream import streaming_decoder
 from melodjinn.world_model.errors import ConfigError, MelodjinnError
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
 from melodjinn.world_model.world_model import WorldModel
@@ -216,7 +216,7 @@ class MusicBatch:
         self.steps = 0
         self.episode_start = 0  # absolute frame where the episode's generated frames begin
         self.rest = torch.full((self.B,), self.prompts.rest_code(), dtype=torch.long, device=self.device)
-        self.decoder = StreamingDecoder(self.model.codec) if cfg.decode_audio else None
+        self.decoder = streaming_decoder(self.model.codec) if cfg.decode_audio else None
 
     # ---- episodes -------------------------------------------------------------------------------------------
 

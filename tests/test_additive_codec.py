@@ -137,3 +137,23 @@ def test_training_learns_to_render_bass_and_lead(tmp_path):
             y = codec.decode(codec.encode(x))[..., : x.shape[-1]]
             distance[name] = float(spectral_loss(y, x, [2048, 512], 1e-3))
     assert distance["trained"] < 0.7 * distance["untrained"], distance
+
+
+def test_streaming_decode_equals_one_decode_of_the_whole():
+    """Chunks of any size decode (in absolute time, with the frames the decoder reaches back to) to the whole
+    sequence's audio; `streaming_decoder` picks this decoder for an additive codec (the env's path)."""
+    from melodjinn.world_model.codec_stream import AdditiveStreamingDecoder, streaming_decoder
+
+    codec = ready()
+    stems, _ = song_stems(2, 2.0)
+    codes = codec.encode(stems[:, 1:2])[..., :120]
+    whole = codec.decode(codes)
+    decoder = streaming_decoder(codec)
+    assert isinstance(decoder, AdditiveStreamingDecoder)
+    for sizes in ([1] * 7 + [4] * 28 + [1], [50, 3, 67]):
+        decoder.reset()
+        parts, at = [], 0
+        for n in sizes:
+            parts.append(decoder.decode(codes[..., at : at + n]))
+            at += n
+        assert torch.allclose(torch.cat(parts, -1), whole, atol=1e-5), sizes

@@ -193,8 +193,14 @@ class AdditiveCodec(TrainedCodec):
 
     # synthesis ----------------------------------------------------------------------------------------------------
 
-    def synthesize(self, latent: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
-        """latent (B, D, T) quantised, pitch (B, T) codebook-0 codes → audio (B, 1, T·HOP)."""
+    @property
+    def receptive_frames(self) -> int:
+        """Past frames the decoder's output at a frame depends on (its causal convolutions' reach)."""
+        return 2 * (2**self.config.decoder_layers - 1)
+
+    def synthesize(self, latent: torch.Tensor, pitch: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
+        """latent (B, D, T) quantised, pitch (B, T) codebook-0 codes → audio (B, 1, T·HOP); `start_frame` places
+        the frames in absolute time (sinusoid phases, noise position) when decoding a later part of a sequence."""
         c = self.config
         H, nb = c.harmonics, c.noise_bands
         hidden = self.decoder_in(latent) + self.pitch_embedding(pitch).transpose(1, 2)
@@ -205,7 +211,7 @@ class AdditiveCodec(TrainedCodec):
         before = torch.cat([levels.new_zeros(B, 1, H + nb), levels[:, :-1]], 1)
         pitch_before = torch.cat([pitch.new_zeros(B, 1), pitch[:, :-1]], 1)
 
-        frames = torch.arange(T, device=latent.device)
+        frames = torch.arange(start_frame, start_frame + T, device=latent.device)
         L = self.noise.shape[-1]
         noise = self.noise[:, (frames[:, None] * HOP + torch.arange(HOP, device=latent.device)) % L]  # (nb, T, HOP)
 
@@ -253,12 +259,13 @@ class AdditiveCodec(TrainedCodec):
         return torch.cat([self.track_pitch(x)[:, None], codes.transpose(0, 1)], 1).contiguous()  # (B, K, T)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
+        """As `Codec.decode`; `start_frame`: where the codes sit in a longer sequence (see `synthesize`)."""
         codes = _check_codes(codes, self.num_codebooks, self.codebook_size, self.device)
         B, K, T = codes.shape
         latent = (self.quantizer.vq.decode(codes[:, 1:].transpose(0, 1)) if K > 1
                   else torch.zeros(B, self.config.dimension, T, device=codes.device))
-        return self.synthesize(latent, codes[:, 0])
+        return self.synthesize(latent, codes[:, 0], start_frame)
 
 
 def _whole_frames(x: torch.Tensor) -> torch.Tensor:

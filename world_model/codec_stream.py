@@ -1,4 +1,9 @@
-"""Streaming decoding for the tiny codec: tokens in chunks → audio in chunks, equal to one decode of the whole.
+"""Streaming decoding: tokens in chunks → audio in chunks, equal to one decode of the whole.
+
+`streaming_decoder(codec)` picks the decoder for a codec: `StreamingDecoder` for the tiny codec (below), or
+`AdditiveStreamingDecoder` for the additive codec (it re-decodes the few frames its causal convolutions reach back).
+
+The tiny codec:
 
 Every layer of the causal SEANet decoder is either stateless (ELU), a causal convolution (keeps its last
 (k-1)·d input samples as the next chunk's left context), a transposed convolution (the last k - s samples of a
@@ -20,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from melodjinn.world_model.codec import TinyCodec, _check_codes
+from melodjinn.world_model.additive_codec import AdditiveCodec
+from melodjinn.world_model.codec import HOP, TinyCodec, _check_codes
 from melodjinn.world_model.errors import CheckpointError
 
 
@@ -36,7 +42,7 @@ class StreamingDecoder:
 
     def __init__(self, codec: TinyCodec):
         if not isinstance(codec, TinyCodec) or not codec.config.causal:
-            raise CheckpointError("streaming decoding needs the causal tiny codec (TinyCodec with causal=true)")
+            raise CheckpointError("streaming decoding needs the causal tiny codec (TinyCodec with causal=true) or the additive codec")
         self.codec = codec
         with torch.no_grad():
             self.ops = _flatten(codec.decoder.model)
@@ -59,6 +65,44 @@ class StreamingDecoder:
             return torch.zeros(codes.shape[0], 1, 0, device=codec.device)
         x = self.codebooks[codes + self.offsets].sum(1).transpose(1, 2)  # (B, K, T, D) → (B, D, T)
         return _run(self.ops, x, self.state) / codec.config.input_gain
+
+
+class AdditiveStreamingDecoder:
+    """Chunk-by-chunk decoding of an AdditiveCodec: each chunk is decoded with the frames before it that the
+    decoder's causal convolutions reach (plus one: a frame fades from its predecessor's levels), in absolute time,
+    and only the new frames' audio is kept. Equal to one decode of the whole, to float rounding."""
+
+    def __init__(self, codec: AdditiveCodec):
+        self.codec = codec
+        self.context = codec.receptive_frames + 1
+        self.reset()
+
+    def reset(self) -> None:
+        """Start new sequences (the next chunk is a first chunk)."""
+        self.past: torch.Tensor | None = None  # (B, K, ≤ context) the last frames decoded
+        self.next_frame = 0
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, K, T) the next T frames of every sequence → (B, 1, T·HOP) their audio."""
+        codec = self.codec
+        codes = _check_codes(codes, codec.num_codebooks, codec.codebook_size, codec.device)
+        T = codes.shape[-1]
+        if T == 0:
+            return torch.zeros(codes.shape[0], 1, 0, device=codec.device)
+        whole = codes if self.past is None else torch.cat([self.past, codes], -1)
+        lead = whole.shape[-1] - T
+        audio = codec.decode(whole, start_frame=self.next_frame - lead)[..., lead * HOP :]
+        self.past = whole[..., -self.context :]
+        self.next_frame += T
+        return audio
+
+
+def streaming_decoder(codec) -> "StreamingDecoder | AdditiveStreamingDecoder":
+    """The streaming decoder for `codec` (a trained tiny or additive codec)."""
+    if isinstance(codec, AdditiveCodec):
+        return AdditiveStreamingDecoder(codec)
+    return StreamingDecoder(codec)
 
 
 def _run(ops: list, x: torch.Tensor, state: dict) -> torch.Tensor:
