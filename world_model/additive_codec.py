@@ -42,6 +42,7 @@ from torch import nn
 
 from melodjinn.world_model.codec import HOP, SAMPLE_RATE, TrainedCodec, _check_codes, _check_waveform
 from melodjinn.world_model.errors import CheckpointError, ConfigError
+from melodjinn.world_model.pitch import frame_pitch, hz
 
 UNVOICED = 0  # codebook-0 code of a frame without a pitch
 
@@ -77,7 +78,7 @@ class AdditiveCodecConfig:
         if not 0 < self.pitch_min_midi < self.pitch_max_midi < 128:
             raise ConfigError(f"codec pitch_min_midi={self.pitch_min_midi}, pitch_max_midi={self.pitch_max_midi}: "
                               "need 0 < min < max < 128")
-        longest_period = SAMPLE_RATE / _hz(self.pitch_min_midi)
+        longest_period = SAMPLE_RATE / hz(self.pitch_min_midi)
         if self.pitch_window < 2 * longest_period:
             raise ConfigError(f"codec pitch_window={self.pitch_window} holds fewer than two periods of MIDI "
                               f"{self.pitch_min_midi} ({longest_period:.0f} samples each); raise it or pitch_min_midi")
@@ -88,10 +89,6 @@ class AdditiveCodecConfig:
         if not 0.0 < self.voicing < 1.0 or not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"codec voicing={self.voicing}, ema_decay={self.ema_decay}: both must be in (0, 1)")
         return self
-
-
-def _hz(midi: float | torch.Tensor):
-    return 440.0 * 2 ** ((midi - 69) / 12)
 
 
 class _CausalConv(nn.Conv1d):
@@ -153,43 +150,12 @@ class AdditiveCodec(TrainedCodec):
 
     @torch.no_grad()
     def track_pitch(self, waveform: torch.Tensor) -> torch.Tensor:
-        """(B, 1, N) → (B, T) int64 codebook-0 codes: the frame's MIDI pitch, or UNVOICED."""
+        """(B, 1, N) → (B, T) int64 codebook-0 codes: the frame's MIDI pitch (nearest note), or UNVOICED."""
         c = self.config
-        x = _whole_frames(waveform[:, 0].float())
-        B, T = x.shape[0], x.shape[-1] // HOP
-        W = c.pitch_window
-        frames = F.pad(x, (0, W)).unfold(-1, W, HOP)[:, :T]  # (B, T, W): from each frame's start on
-        frames = frames - frames.mean(-1, keepdim=True)
-        spec = torch.fft.rfft(frames, 2 * W)
-        ac = torch.fft.irfft(spec.abs().square(), 2 * W)[..., :W]  # (B, T, W): sum_n x[n] x[n + lag]
-        # normalised by the energies of the two overlapping parts: 1 for an exactly periodic frame at its period
-        energy = torch.cumsum(F.pad(frames.square(), (1, 0)), -1)  # (B, T, W + 1)
-        lags = torch.arange(W, device=x.device)
-        head = energy[..., W - lags]  # x[0 : W - lag]
-        tail = energy[..., W : W + 1] - energy[..., lags]  # x[lag : W]
-        r = ac / (head * tail).clamp_min(1e-12).sqrt()
-        lo = int(SAMPLE_RATE / _hz(c.pitch_max_midi))
-        hi = int(math.ceil(SAMPLE_RATE / _hz(c.pitch_min_midi))) + 1
-        # a smooth (dark) tone still correlates with itself at short lags: look only past r's first dip below 0
-        dipped = (r < 0).cumsum(-1) > 0
-        window = torch.where(dipped, r, torch.full_like(r, -1.0))[..., lo:hi]
-        best = window.max(-1).values
-        # the period is the shortest lag that correlates almost as well as the best (its multiples do too)
-        first = (window >= 0.9 * best[..., None]).float().argmax(-1)
-        lag = (lo + first).clamp(max=hi - 2)
-        # climb to the local peak, then refine between samples with a parabola
-        while True:
-            up = (r.gather(-1, (lag + 1)[..., None])[..., 0] > r.gather(-1, lag[..., None])[..., 0]) & (lag + 2 < hi)
-            if not up.any():
-                break
-            lag = lag + up.long()
-        a, b, d = (r.gather(-1, (lag + k)[..., None])[..., 0] for k in (-1, 0, 1))
-        den = a - 2 * b + d
-        shift = torch.where(den < 0, (0.5 * (a - d) / den.where(den < 0, torch.ones_like(den))).clamp(-0.5, 0.5), torch.zeros_like(den))
-        period = lag.double() + shift.double()
-        midi = (69 + 12 * torch.log2(SAMPLE_RATE / period / 440.0)).round().long().clamp(c.pitch_min_midi, c.pitch_max_midi)
-        loud = frames.square().mean(-1) > 1e-7  # -70 dB
-        return torch.where((best > c.voicing) & loud, midi, torch.full_like(midi, UNVOICED))
+        midi = frame_pitch(waveform[:, 0], c.pitch_window, (c.pitch_min_midi, c.pitch_max_midi), c.voicing)
+        voiced = midi.isfinite()
+        codes = midi.nan_to_num(0.0).round().long().clamp(c.pitch_min_midi, c.pitch_max_midi)
+        return torch.where(voiced, codes, torch.full_like(codes, UNVOICED))
 
     # synthesis ----------------------------------------------------------------------------------------------------
 
@@ -225,7 +191,7 @@ class AdditiveCodec(TrainedCodec):
     def _harmonics(self, amp: torch.Tensor, pitch: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """Σ_h amp_h sin(2π h f n / sr) over each frame's samples n (absolute time); (B, T, H), (B, T) → (B, T, HOP)."""
         H = amp.shape[-1]
-        f0 = torch.where(pitch == UNVOICED, torch.zeros_like(pitch, dtype=torch.float64), _hz(pitch.double()))  # (B, T)
+        f0 = torch.where(pitch == UNVOICED, torch.zeros_like(pitch, dtype=torch.float64), hz(pitch.double()))  # (B, T)
         freq = f0[..., None] * torch.arange(1, H + 1, device=amp.device, dtype=torch.float64)  # (B, T, H)
         audible = (freq > 0) & (freq < 11_000.0)
         # cycles completed before the frame (float64: a song is millions of samples), then within it (float32)
