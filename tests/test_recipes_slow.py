@@ -30,3 +30,20 @@ def test_shipped_world_model_meets_acceptance():
     metrics = evaluate(model, model.world, EvalWorldConfig())
     assert metrics["action_nmi"] >= 0.8, metrics
     assert metrics["controllability"] >= 0.9, metrics
+
+
+def test_shipped_song_model_meets_acceptance():
+    """`eval-world checkpoint=songs` at its defaults (16 held-out songs, temperature 0.7): bass-on-kick within 0.1
+    of the truth in one pass and clearly below it without the other stems; per-section density r >= 0.8 on every
+    stem and energy r >= 0.8 on drums and lead. The bass's energy r measured 0.80, on the edge, so it is held to
+    0.75 here (README, "Song world")."""
+    from melodjinn.world_model.song_eval import SongEvalConfig, evaluate_songs
+    from melodjinn.world_model.world_model import WorldModel
+
+    model = WorldModel.load("songs")
+    result = evaluate_songs(model, model.world, SongEvalConfig(), 1000)
+    share = {k: v["bass_on_kick"] for k, v in result["coupling"].items()}
+    assert abs(share["joint"] - share["truth"]) <= 0.1 and share["independent"] <= share["truth"] - 0.2, share
+    r = result["section_correlation"]
+    assert min(r["onsets_per_second"][f"r_{s}"] for s in ("drums", "bass", "lead")) >= 0.8, r
+    assert r["rms"]["r_drums"] >= 0.8 and r["rms"]["r_lead"] >= 0.8 and r["rms"]["r_bass"] >= 0.75, r

@@ -65,3 +65,36 @@ def test_statistics_reward_the_form_and_the_coupling(songs):
     r_wrong = section_correlation(wrong["sections"], truth["sections"], stems)
     for stat in ("onsets_per_second", "rms"):
         assert r_wrong[stat]["within_stem"] < 0.5, (stat, r_wrong[stat])
+
+
+def test_frame_pitch_reads_pure_and_harmonic_tones_and_not_noise():
+    import torch
+
+    from melodjinn.world_model.pitch import frame_pitch, hz
+    from melodjinn.world_model.worlds import HOP, SAMPLE_RATE
+
+    n = np.arange(30 * HOP)
+    for midi in (31.0, 45.3, 86.0):  # the song world's lowest bass, an off-grid pitch, its highest lead
+        f = hz(midi)
+        dark = sum(np.sin(2 * np.pi * k * f * n / SAMPLE_RATE + k) / k**2 for k in range(1, 6))  # a smooth, saw-like tone
+        for tone in (np.sin(2 * np.pi * f * n / SAMPLE_RATE + 0.7), dark):
+            got = frame_pitch(torch.from_numpy(0.2 * tone)[None], 1024, (31, 100), 0.7)[0, :25].numpy()
+            assert np.all(np.abs(got - midi) < 0.1), (midi, got)
+    noise = np.random.default_rng(0).normal(0, 0.1, 30 * HOP)
+    assert np.isnan(frame_pitch(torch.from_numpy(noise)[None], 1024, (31, 100), 0.7)).float().mean() > 0.9
+    assert np.isnan(frame_pitch(torch.zeros(1, 10 * HOP), 1024, (31, 100), 0.7)).all()
+
+
+def test_pitch_changes_add_legato_onsets_only():
+    from melodjinn.world_model.song_eval import with_pitch_changes
+
+    energy = np.zeros(20, dtype=np.int64)
+    energy[2] = 1
+    midi = np.full(20, np.nan)
+    midi[2:8], midi[8:14], midi[14:20] = 60.0, 62.1, 62.0  # a note, a legato step up, the same note sustained
+    out = with_pitch_changes(energy, midi)
+    assert np.flatnonzero(out).tolist() == [2, 8]
+    midi[9] = 64.0  # a one-frame blip is no note, but the return from it is heard as one
+    assert np.flatnonzero(with_pitch_changes(energy, midi)).tolist() == [2, 10]
+    midi[9] = np.nan  # nor is a note that starts from an unvoiced frame (that is the energy onsets' job)
+    assert np.flatnonzero(with_pitch_changes(energy, midi)).tolist() == [2]
