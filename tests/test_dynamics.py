@@ -507,6 +507,16 @@ def test_freeze_backbone_trains_only_the_new_stream():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_add_stream_like_an_existing_stream_starts_from_its_embeddings_and_heads():
+    base = make("multistream", 2)
+    grown = copy.deepcopy(base).add_stream("lead", like="s1")
+    assert torch.equal(grown.streams["lead"].embed, base.streams["s1"].embed)
+    assert torch.equal(grown.streams["lead"].head, base.streams["s1"].head)
+    assert grown.streams["lead"].embed.data_ptr() != grown.streams["s1"].embed.data_ptr()  # copies, not shared
+    with pytest.raises(ConfigError, match="like='bass' is not a stream"):
+        copy.deepcopy(base).add_stream("lead", like="bass")
+
+
 def test_add_stream_refusals():
     with pytest.raises(ConfigError):
         make("flatten", 2).add_stream("x")

@@ -11,6 +11,7 @@ from melodjinn.world_model.drum_world import DrumWorld, DrumWorldConfig
 from melodjinn.world_model.dynamics import DynamicsConfig
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.lam import LAMConfig, LatentActionModel
+from melodjinn.world_model.worlds import make_world
 from melodjinn.world_model.metrics import normalized_mutual_info
 from melodjinn.world_model.runtime import to_dataclass
 from melodjinn.world_model.training import Trainer, action_targets, train_world
@@ -155,6 +156,14 @@ def test_add_stream_grows_a_trained_model_and_fine_tunes_only_the_new_stream(unt
             f"init={base_dir}", "add_streams=[lead]"]))
     with pytest.raises(ConfigError, match="init"):
         train_world(compose("train-world", _song_overrides(untrained_codec, tmp_path / "bad2", 3, ["drums"]) + ["add_streams=[lead]"]))
+    # add_streams_like: the new stream starts as a copy of an old one (same codec, so the same token meanings)
+    from melodjinn.world_model.training import _grown_model
+
+    world_cfg = dict(grown.world)
+    like = _grown_model(str(base_dir), ["lead"], "drums", make_world(world_cfg, seed=0), world_cfg, "cpu")
+    assert torch.equal(like.dynamics.streams["lead"].head, base.dynamics.streams["drums"].head)
+    with pytest.raises(ConfigError, match="needs add_streams"):
+        _grown_model(str(base_dir), [], "drums", make_world({**world_cfg, "stems": ["drums"]}, seed=0), world_cfg, "cpu")
 
 
 def test_swapping_two_actions_only_renames_them():

@@ -445,13 +445,19 @@ class DynamicsModel(nn.Module):
 
     # ---- growing and fine-tuning ------------------------------------------------------------------------------
 
-    def add_stream(self, name: str, delays: Optional[Sequence[int]] = None) -> DynamicsModel:
+    def add_stream(self, name: str, delays: Optional[Sequence[int]] = None, like: Optional[str] = None) -> DynamicsModel:
         """Add a stream (in place; returns self): new token embeddings (zero-initialised, so existing outputs stay
         bit-identical until it trains) and heads; the backbone and existing streams are kept exactly.
-        `delays`: the new stream's codebook delays (multistream; default 0..K-1). Needs delay or multistream."""
+        `delays`: the new stream's codebook delays (multistream; default 0..K-1). Needs delay or multistream.
+        `like`: start the new stream's embeddings and heads as copies of that existing stream's instead. The streams
+        share one codec, so a token means the same code in both, and what the backbone learnt about the old
+        stream's tokens (e.g. that a held sound repeats its codes) applies at once; the old streams' outputs then
+        change from the first step, since the new stream's tokens are no longer zero inputs."""
         arr, cfg = self.arrangement, self.cfg
         if name in self.streams or not isinstance(name, str) or not name or "." in name:
             raise ConfigError(f"add_stream: stream name must be new, non-empty and without '.', got {name!r}")
+        if like is not None and like not in self.streams:
+            raise ConfigError(f"add_stream: like={like!r} is not a stream of this model; streams are {cfg.streams}")
         if arr.name == "multistream":
             new = arr.with_added_stream(delays)
         elif arr.name == "delay":
@@ -468,6 +474,10 @@ class DynamicsModel(nn.Module):
                               f"{arr.min_delay}; that would shift which frame's action conditions each position")
         param = self.start
         self.streams[name] = _StreamIO(cfg.num_codebooks, cfg.codebook_size, cfg.dim, zero_embed=True).to(param.device, param.dtype)
+        if like is not None:
+            with torch.no_grad():
+                self.streams[name].embed.copy_(self.streams[like].embed)
+                self.streams[name].head.copy_(self.streams[like].head)
         self.arrangement = new
         cfg.streams.append(name)
         cfg.arrangement_options = new.options()

@@ -100,13 +100,14 @@ class Trainer:
         self.world = make_world(cfg.world, seed=int(cfg.seed))
         self.init = cfg.get("init")
         if self.init:
-            self.model = _grown_model(self.init, list(cfg.get("add_streams") or []), self.world, world_cfg, self.device)
+            self.model = _grown_model(self.init, list(cfg.get("add_streams") or []), cfg.get("add_streams_like"),
+                                      self.world, world_cfg, self.device)
             codec = self.model.codec
             if self.train_cfg.new_streams_only:
                 self.model.dynamics.freeze_backbone(list(cfg.add_streams))
         else:
-            if cfg.get("add_streams"):
-                raise ConfigError("add_streams needs init=DIR: the trained model to grow")
+            if cfg.get("add_streams") or cfg.get("add_streams_like"):
+                raise ConfigError("add_streams (and add_streams_like) need init=DIR: the trained model to grow")
             codec = load_codec(cfg.codec, device=self.device)
             lam_cfg = to_dataclass(LAMConfig, cfg.model.lam, "model.lam")
             dyn = OmegaConf.to_container(cfg.model.dynamics, resolve=True)
@@ -367,16 +368,19 @@ def heldout_token_ce(model: WorldModel, data: WorldTensors, actions: torch.Tenso
     return {key: float(per_stream.mean()), **{f"{key}_{n}": float(v) for n, v in zip(names, per_stream)}}
 
 
-def _grown_model(init: str, add_streams: list[str], world, world_cfg: dict, device) -> WorldModel:
+def _grown_model(init: str, add_streams: list[str], like: str | None, world, world_cfg: dict, device) -> WorldModel:
     """The trained world model in `init` with `add_streams` added (new embeddings and heads, backbone and LAM
-    kept), checked against the world it will train on: its stems must be the model's streams, then the new ones."""
+    kept; copies of stream `like`'s when given), checked against the world it will train on: its stems must be the
+    model's streams, then the new ones."""
     model = WorldModel.load(init, device=device)
     expected = model.stream_names + add_streams
     if list(world.stem_names) != expected:
         raise ConfigError(f"init={init} has streams {model.stream_names} and add_streams={add_streams}: the world must "
                           f"give stems {expected} in that order (e.g. world.stems=[{','.join(expected)}])")
+    if like is not None and not add_streams:
+        raise ConfigError(f"add_streams_like={like} needs add_streams=[...]: the streams to start as copies of it")
     for name in add_streams:
-        model.dynamics.add_stream(name)
+        model.dynamics.add_stream(name, like=like)
     model.world = world_cfg
     return model.to(device)
 
