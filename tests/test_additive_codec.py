@@ -157,3 +157,23 @@ def test_streaming_decode_equals_one_decode_of_the_whole():
             parts.append(decoder.decode(codes[..., at : at + n]))
             at += n
         assert torch.allclose(torch.cat(parts, -1), whole, atol=1e-5), sizes
+
+
+def test_eval_codec_scores_song_stems_one_at_a_time(capsys):
+    """`eval-codec world=songs` adds per-stem listener F1 and held-note code repeat shares. On the shipped song
+    codec the pitch codebook holds still through held bass and lead notes; the bass is heard as well as on the
+    original audio."""
+    import json
+
+    from melodjinn.cli.main import run
+    from melodjinn.world_model.artifacts import shipped_checkpoints_dir
+
+    song_codec = shipped_checkpoints_dir() / "songs" / "codec"
+    result = run("eval-codec", "world=songs", "codec.name=additive", f"checkpoint={song_codec}",
+                 "world.clip_seconds=6", "world.song_seconds=0", "num_clips=3")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stems"] == result["stems"]
+    stems = result["stems"]
+    assert set(stems) == {"drums", "bass", "lead"} and "held_code_repeat" not in stems["drums"]
+    for name in ("bass", "lead"):
+        assert stems[name]["held_code_repeat"][0] > 0.95, stems[name]
+    assert stems["bass"]["listener_f1"] > 0.8 and stems["drums"]["listener_f1"] > 0.8, stems

@@ -3,7 +3,9 @@
 Quality is measured on held-out clips of a synthetic world (a seed the codec never trained on):
 - `si_snr_db`: scale-invariant SNR of the decoded audio against the original, averaged over clips;
 - `event_f1`: the drum-hit detector (`events.py`) run on the decoded audio against the ground-truth hits,
-  ±1 frame; `event_f1_original` is the same detector on the un-coded audio, the ceiling a codec can reach.
+  ±1 frame; `event_f1_original` is the same detector on the un-coded audio, the ceiling a codec can reach;
+- on a multi-stem world (songs) `stems`: per stem, coded alone, the song listeners' F1 and, for pitched stems, how
+  often a held note's codes repeat from frame to frame (`stem_metrics`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from melodjinn.world_model.codec import HOP, SAMPLE_RATE, Codec, codec_info, load_codec
+from melodjinn.world_model.codec import HOP, SAMPLE_RATE, Codec, codec_info, load_codec, trained_codecs
 from melodjinn.world_model.errors import ConfigError
 from melodjinn.world_model.worlds import make_world
 
@@ -30,6 +32,8 @@ class HeldOut:
     seed: int
     audio: np.ndarray  # (C, N) float32 mixtures
     events: np.ndarray | None  # (C, T) int64 labels of the (single) drum stem, or None
+    stems: np.ndarray | None = None  # (C, S, N) stems of a multi-stem world (songs), else None
+    stem_events: np.ndarray | None = None  # (C, S, T) their labels
 
 
 def heldout_clips(world_cfg: Any, seed: int, num_clips: int) -> HeldOut:
@@ -40,6 +44,8 @@ def heldout_clips(world_cfg: Any, seed: int, num_clips: int) -> HeldOut:
     audio = np.stack([c.mix for c in clips])
     has_kit = hasattr(world, "sounds") and all(c.events.shape[0] == 1 for c in clips)
     events = np.stack([c.events[0] for c in clips]) if has_kit else None
+    if clips[0].stems.shape[0] > 1:
+        return HeldOut(world, seed, audio, events, np.stack([c.stems for c in clips]), np.stack([c.events for c in clips]))
     return HeldOut(world, seed, audio, events)
 
 
@@ -92,7 +98,44 @@ def evaluate_codec(codec: Codec, heldout: HeldOut, batch_size: int = 8) -> dict[
         result |= {"event_f1": None, "event_f1_original": None}
     used = [len(np.unique(codes[:, k])) / codec.codebook_size for k in range(codes.shape[1])]
     result["codebook_usage"] = float(np.mean(used))  # fraction of each codebook the held-out audio uses
+    if heldout.stems is not None:
+        result["stems"] = stem_metrics(codec, heldout, batch_size)
     return result
+
+
+def stem_metrics(codec: Codec, heldout: HeldOut, batch_size: int = 8) -> dict[str, dict[str, Any]]:
+    """Per stem of a song-world clip set, coded one stem at a time (as a multi-stream world model codes them):
+    - `listener_f1`: the song listeners of `eval-world` on the decoded stem against the labels, ±1 frame, and
+      `listener_f1_original` on the un-coded stem (the ceiling);
+    - `held_code_repeat` (pitched stems): per codebook, the share of frames inside held notes (≥ 24 frames, their
+      first and last 4 left out) whose code repeats the previous frame's — what a token model must predict there.
+    """
+    from melodjinn.world_model.events import event_f1
+    from melodjinn.world_model.song_eval import StemListener
+
+    C, S, N = heldout.stems.shape
+    decoded, codes = roundtrip(codec, heldout.stems.reshape(C * S, N), batch_size)
+    decoded, codes = decoded.reshape(C, S, -1), codes.reshape(C, S, *codes.shape[1:])
+    names = list(heldout.world.stem_names)
+    listener = StemListener(names)
+    heard, original = listener.listen(decoded)["events"], listener.listen(heldout.stems)["events"]
+    labels = heldout.stem_events
+    out: dict[str, dict[str, Any]] = {}
+    for s, name in enumerate(names):
+        row: dict[str, Any] = {"listener_f1": round(event_f1(heard[:, s], labels[:, s], tolerance_frames=1), 3),
+                               "listener_f1_original": round(event_f1(original[:, s], labels[:, s], tolerance_frames=1), 3)}
+        if name != "drums":
+            same, n = np.zeros(codes.shape[2]), 0
+            for c in range(C):
+                starts = np.flatnonzero(labels[c, s] > 0)
+                for a, b in zip(starts, [*starts[1:], labels.shape[-1]]):
+                    if b - a >= 24:
+                        held = codes[c, s, :, a + 4 : b - 4]  # (K, frames)
+                        same += (held[:, 1:] == held[:, :-1]).sum(-1)
+                        n += held.shape[-1] - 1
+            row["held_code_repeat"] = [round(float(x), 3) for x in same / n] if n else None
+        out[name] = row
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -104,7 +147,7 @@ def _codec_node(cfg: DictConfig) -> dict[str, Any]:
     node = OmegaConf.to_container(cfg.codec, resolve=True)
     checkpoint = cfg.get("checkpoint")
     if checkpoint not in (None, ""):
-        key = "checkpoint" if node.get("name") == "tiny" else "checkpoint_path"
+        key = "checkpoint" if node.get("name") in trained_codecs() else "checkpoint_path"
         node[key] = str(checkpoint)
     return node  # type: ignore[return-value]
 
