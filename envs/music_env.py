@@ -83,7 +83,8 @@ class MusicWorldEnv(gym.Env):
         """(N,) the mix of the episode so far (prompt included), decoded in one pass."""
         s = self.core.session
         start = max(self.core.episode_start - s.offset - self.config.prompt_frames, 0)
-        return self.core.model.decode(s.tokens[:1, ..., start:]).sum(1)[0].float().cpu().numpy()
+        # frames counted from the session's start, as the step decoder counts them
+        return self.core.model.decode(s.tokens[:1, ..., start:], start_frame=s.offset + start).sum(1)[0].float().cpu().numpy()
 
     def render(self):
         if self.render_mode == "rgb_array":

@@ -236,12 +236,14 @@ def test_bench_env_reports_every_configuration(capsys):
     assert result["threads"] == 1
 
 
-def test_step_audio_is_the_decode_of_the_whole_episode():
-    env = MusicWorldEnv(checkpoint="drums", max_steps=12, decode_audio=True)
-    env.reset(seed=5)
-    audio = np.concatenate([env.step(t % env.action_space.n)[4]["audio"] for t in range(12)])
-    whole = env.episode_audio()  # prompt + episode, decoded in one pass
-    np.testing.assert_allclose(audio, whole[-len(audio):], atol=1e-5)
+@pytest.mark.parametrize("checkpoint", ["drums", "songs"])  # the tiny codec's streaming decoder, the additive one's
+def test_step_audio_is_the_decode_of_the_whole_episode(checkpoint):
+    env = MusicWorldEnv(checkpoint=checkpoint, max_steps=12, decode_audio=True)
+    for seed in (5, 6):  # a second episode: the decoder starts over with the new prompt
+        env.reset(seed=seed)
+        audio = np.concatenate([env.step(t % env.action_space.n)[4]["audio"] for t in range(12)])
+        whole = env.episode_audio()  # prompt + episode, decoded in one pass
+        np.testing.assert_allclose(audio, whole[-len(audio):], atol=1e-5)
 
 
 def test_long_episodes_roll_the_session_over():

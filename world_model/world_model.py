@@ -87,10 +87,14 @@ class WorldModel(nn.Module):
         return codes.view(B, S, *codes.shape[1:])
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, S, K, T) tokens → (B, S, T·HOP) stem waveforms."""
+    def decode(self, tokens: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
+        """(B, S, K, T) tokens → (B, S, T·HOP) stem waveforms. `start_frame`: where the tokens sit in a longer
+        sequence, for a codec whose audio depends on it (the additive codec's sinusoids run in absolute time)."""
         B, S, K, T = tokens.shape
-        return self.codec.decode(tokens.reshape(B * S, K, T)).view(B, S, -1)
+        codes = tokens.reshape(B * S, K, T)
+        if getattr(self.codec, "absolute_time", False):
+            return self.codec.decode(codes, start_frame=start_frame).view(B, S, -1)
+        return self.codec.decode(codes).view(B, S, -1)
 
     # ---- generation ---------------------------------------------------------------------------------------------
 
