@@ -17,8 +17,8 @@ model has to predict the walk (README, "Song world"). This codec is phase-free b
 - **Codebooks 1 .. K-1**: a residual VQ of a latent the encoder computes from log-magnitude STFT columns centred on
   each frame (a long window for harmonics, a short one for attacks). It looks half a long window ahead; encoding
   is offline (tokenising clips and prompts), so nothing needs it causal. The short window (256 samples) is shorter
-  than a bass period, so its magnitudes still follow a low note's phase a little: these codebooks are much
-  steadier than a waveform codec's on held notes, not perfectly still (README, "Song world").
+  than a bass period, so its magnitudes follow a low note's phase; averaging its power over `short_hops` positions
+  across the frame smooths that out, and these codebooks then hold almost still on held notes (README, "Song world").
 - **Decoder** (causal convolutions over frames): per frame, the amplitudes of `harmonics` harmonics of the frame's
   pitch, the gains of `noise_bands` fixed band-limited noises (drums, breath), and an attack shape g in (0, 1):
   within frame t every amplitude moves from its frame t-1 value to its frame t value as `g + (1 - g) · ramp` — a
@@ -54,6 +54,7 @@ class AdditiveCodecConfig:
     long_fft: int = 2048  # encoder's long window: resolves harmonics 12 Hz apart (a bass note's)
     long_max_hz: float = 8000.0  # long-window bins kept up to here
     short_fft: int = 256  # encoder's short window: places attacks within a frame
+    short_hops: int = 1  # short-window positions per frame whose power is averaged (5: smooths out a low note's phase)
     hidden: int = 192  # width of encoder and decoder
     encoder_layers: int = 3  # residual convolution blocks (dilations 1, 2, 4, ...)
     decoder_layers: int = 3
@@ -72,9 +73,13 @@ class AdditiveCodecConfig:
     dead_code_threshold: float = 0.5
 
     def validate(self) -> "AdditiveCodecConfig":
-        if self.long_fft < HOP or (self.long_fft - HOP) % 2 or (self.short_fft - HOP) % 2 or self.short_fft < 16:
-            raise ConfigError(f"codec long_fft={self.long_fft}, short_fft={self.short_fft}: need long_fft >= {HOP} and "
-                              f"both of the parity of the hop {HOP} (so a window centres on a frame)")
+        if self.short_hops < 1 or HOP % self.short_hops:
+            raise ConfigError(f"codec short_hops={self.short_hops}: must divide the hop {HOP}")
+        short_hop = HOP // self.short_hops
+        if self.long_fft < HOP or (self.long_fft - HOP) % 2 or (self.short_fft - short_hop) % 2 or self.short_fft < 16:
+            raise ConfigError(f"codec long_fft={self.long_fft}, short_fft={self.short_fft}: need long_fft >= {HOP}, "
+                              f"long_fft of the parity of the hop {HOP} and short_fft of the parity of hop / short_hops "
+                              f"({short_hop}), so that every window centres on its frame (or sub-frame)")
         if not 0 < self.pitch_min_midi < self.pitch_max_midi < 128:
             raise ConfigError(f"codec pitch_min_midi={self.pitch_min_midi}, pitch_max_midi={self.pitch_max_midi}: "
                               "need 0 < min < max < 128")
@@ -146,7 +151,7 @@ class AdditiveCodec(TrainedCodec):
         x = _whole_frames(waveform[:, 0])
         c = self.config
         long = _log_magnitude(x, c.long_fft, self.long_window)[:, : self.long_bins]  # (B, F1, T)
-        short = _log_magnitude(x, c.short_fft, self.short_window)  # (B, F2, T)
+        short = _log_magnitude(x, c.short_fft, self.short_window, c.short_hops)  # (B, F2, T)
         return self.encoder(torch.cat([long, short], 1))
 
     @torch.no_grad()
@@ -241,11 +246,15 @@ def _whole_frames(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, T * HOP - x.shape[-1]))
 
 
-def _log_magnitude(x: torch.Tensor, n_fft: int, window: torch.Tensor) -> torch.Tensor:
-    """(B, T·HOP) → (B, n_fft // 2 + 1, T): log |STFT| with window t centred on frame t's samples."""
-    side = (n_fft - HOP) // 2
-    spec = torch.stft(F.pad(x, (side, side)), n_fft, HOP, window=window, center=False, return_complex=True)
-    mag = (spec.real.square() + spec.imag.square() + 1e-12).sqrt() / (window.sum() / 2)  # a sinusoid's amplitude
+def _log_magnitude(x: torch.Tensor, n_fft: int, window: torch.Tensor, hops: int = 1) -> torch.Tensor:
+    """(B, T·HOP) → (B, n_fft // 2 + 1, T): log |STFT| per frame, from `hops` windows centred at even steps across
+    the frame (one: centred on it), their power averaged. A window shorter than a low note's period sees where the
+    note is in its cycle; averaging over positions across the frame smooths that out."""
+    hop = HOP // hops
+    side = (n_fft - hop) // 2
+    spec = torch.stft(F.pad(x, (side, side)), n_fft, hop, window=window, center=False, return_complex=True)
+    power = (spec.real.square() + spec.imag.square()).unflatten(-1, (-1, hops)).mean(-1)  # (B, F, T)
+    mag = (power + 1e-12).sqrt() / (window.sum() / 2)  # a sinusoid's amplitude
     return torch.log(mag + 1e-4)
 
 
