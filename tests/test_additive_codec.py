@@ -177,3 +177,20 @@ def test_eval_codec_scores_song_stems_one_at_a_time(capsys):
     for name in ("bass", "lead"):
         assert stems[name]["held_code_repeat"][0] > 0.95, stems[name]
     assert stems["bass"]["listener_f1"] > 0.8 and stems["drums"]["listener_f1"] > 0.8, stems
+
+
+def test_short_window_averaged_across_the_frame_hardly_sees_a_low_notes_phase():
+    """A 256-sample window is shorter than a low note's period, so its magnitudes change from frame to frame as the
+    note's phase moves; averaging the power of 5 positions across each frame (`short_hops`) smooths that out."""
+    from melodjinn.world_model.additive_codec import _log_magnitude
+
+    n = torch.arange(60 * HOP, dtype=torch.float64)
+    tone = (0.2 * torch.sin(2 * np.pi * 440.0 * 2 ** ((40 - 69) / 12) * n / SAMPLE_RATE)).float()[None]  # MIDI 40
+    window = torch.hann_window(256)
+    wobble = {}
+    for hops in (1, 5):
+        features = _log_magnitude(tone, 256, window, hops)[0, :4, 5:55]  # the bins around the note, held frames
+        wobble[hops] = float((features[:, 1:] - features[:, :-1]).abs().mean())
+    assert wobble[5] < 0.3 * wobble[1], wobble
+    with pytest.raises(ConfigError, match="short_hops"):
+        AdditiveCodecConfig(short_hops=3).validate()
