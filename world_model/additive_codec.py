@@ -17,8 +17,9 @@ model has to predict the walk (README, "Song world"). This codec is phase-free b
 - **Codebooks 1 .. K-1**: a residual VQ of a latent the encoder computes from log-magnitude STFT columns centred on
   each frame (a long window for harmonics, a short one for attacks). It looks half a long window ahead; encoding
   is offline (tokenising clips and prompts), so nothing needs it causal. The short window (256 samples) is shorter
-  than a bass period, so its magnitudes follow a low note's phase; averaging its power over `short_hops` positions
-  across the frame smooths that out, and these codebooks then hold almost still on held notes (README, "Song world").
+  than a bass period, so its magnitudes follow a low note's phase a little; averaging its power over `short_hops`
+  positions across the frame smooths that out, and these codebooks then hold almost still on held notes (README,
+  "Song world": steadier codes did not make a better song model there).
 - **Decoder** (causal convolutions over frames): per frame, the amplitudes of `harmonics` harmonics of the frame's
   pitch, the gains of `noise_bands` fixed band-limited noises (drums, breath), and an attack shape g in (0, 1):
   within frame t every amplitude moves from its frame t-1 value to its frame t value as `g + (1 - g) · ramp` — a
