@@ -12,8 +12,8 @@ with simple detectors and scores generated songs against the world's ground trut
   their F1 against the labels on that audio (`detector_f1`) says how far to trust them.
 - **Protocol**: `song_clips` held-out whole songs (seed `eval_seed`, each `song_seconds` long, its own sampled
   form). The first `song_prompt_frames` frames of each are the prompt; the rest is generated with the song's
-  section plan and the null action throughout (so the plan is the only cue for the form), in an open-ended
-  session whose window is the training clip length (longer songs roll the context over).
+  section plan and the null action throughout (so the plan is the only cue for the form), by the model's own
+  `generate` (past the training window, `window_frames`, the context rolls over).
   - `joint`: every stem in one pass (the multistream backbone);
   - `independent`: the same model run once per stem with a different seed, stem s taken from run s — each stem
     is a sample of its own part given the prompt and the plan, generated without seeing the other stems.
@@ -320,17 +320,12 @@ def _round(x: float) -> float | None:
 # ---- generation -----------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def generate_songs(model, prompt: torch.Tensor, sections: torch.Tensor, window: int, temperature: float, seed: int) -> torch.Tensor:
-    """Continue prompts (B, S, K, P) to the length of `sections` (B, T) with the null action, in an open-ended
-    session of `window` frames that keeps the last half when full. Returns tokens (B, S, K, T)."""
-    dyn = model.dynamics
-    B, P, T = prompt.shape[0], prompt.shape[-1], sections.shape[-1]
-    window = max(window, P + 8)
-    session = dyn.new_session(prompt, None, sections, max_frames=window, context_frames=max(window // 2, P),
-                              temperature=temperature, generator=torch.Generator().manual_seed(seed))
-    rest = session.step(num_frames=T - P)
-    return torch.cat([prompt, rest], -1)
+def generate_songs(model, prompt: torch.Tensor, sections: torch.Tensor, temperature: float, seed: int) -> torch.Tensor:
+    """Continue prompts (B, S, K, P) to the length of `sections` (B, T) with the null action (the model's own
+    generation: past its training window the context rolls over). Returns tokens (B, S, K, T)."""
+    generator = torch.Generator().manual_seed(seed)
+    return model.generate(prompt, sections.shape[-1] - prompt.shape[-1], None, sections, temperature=temperature,
+                          generator=generator)["tokens"]
 
 
 def _song_world(world_cfg: dict, seed: int, seconds: float) -> SongWorld:
@@ -350,8 +345,6 @@ def evaluate_songs(model, world_cfg: dict, cfg: SongEvalConfig, eval_seed: int, 
     beat = np.stack([c.extra["beat"] for c in clips])
     labels = np.stack([c.events for c in clips])
     tokens = data.tokens.to(device)  # (n, S, K, T)
-    # the training window (checkpoints before it was recorded: the world's clip length)
-    train_frames = model.dynamics.cfg.window_frames or int(model.world.get("clip_seconds", cfg.song_seconds) * SAMPLE_RATE) // HOP
     listener = StemListener(stems)
 
     def hear(tok: torch.Tensor) -> dict[str, np.ndarray]:
@@ -364,9 +357,9 @@ def evaluate_songs(model, world_cfg: dict, cfg: SongEvalConfig, eval_seed: int, 
     true_labels = song_statistics({"events": labels, "pitch": np.stack([c.extra["pitch"] for c in clips]).astype(float),
                                    "rms": np.stack([c.extra["rms"] for c in clips])}, sections, stems, beat,
                                   cfg.coupling_tolerance, P, bar)
-    joint = generate_songs(model, tokens[..., :P], data.sections.to(device), train_frames, cfg.song_temperature, seed=0)
+    joint = generate_songs(model, tokens[..., :P], data.sections.to(device), cfg.song_temperature, seed=0)
     joint_stats = song_statistics(hear(joint), sections, stems, beat, cfg.coupling_tolerance, P, bar)
-    runs = [generate_songs(model, tokens[..., :P], data.sections.to(device), train_frames, cfg.song_temperature, seed=1 + s)
+    runs = [generate_songs(model, tokens[..., :P], data.sections.to(device), cfg.song_temperature, seed=1 + s)
             for s in range(len(stems))]
     independent = torch.stack([runs[s][:, s] for s in range(len(stems))], 1)
     indep_stats = song_statistics(hear(independent), sections, stems, beat, cfg.coupling_tolerance, P, bar)
@@ -375,7 +368,7 @@ def evaluate_songs(model, world_cfg: dict, cfg: SongEvalConfig, eval_seed: int, 
     f1 = {stem: round(event_f1(true_heard["events"][:, s, P:], labels[:, s, P:], tolerance_frames=1), 3)
           for s, stem in enumerate(stems)}
     return {
-        "songs": {"clips": n, "seconds": cfg.song_seconds, "prompt_frames": P, "window_frames": train_frames,
+        "songs": {"clips": n, "seconds": cfg.song_seconds, "prompt_frames": P, "window_frames": model.dynamics.cfg.window_frames,
                   "actions": "null", "temperature": cfg.song_temperature},
         "detector_f1": f1,
         "section_table": _table(joint_stats["sections"], truth["sections"], stems),
