@@ -413,6 +413,11 @@ class Arrangement(ABC):
     def _slot_ids(self, num_positions: int) -> tuple[Tensor, Tensor]:
         """`([L, N], [L, N])` int64 on CPU: stream and codebook of every (position, slot)."""
 
+    def by_position(self, x: Tensor) -> Tensor:
+        """This arrangement's layout (with batch and trailing dims) -> `[B, L, N, *extra]`: one position axis and
+        one slot axis, whatever the layout, for code that walks the sequence position by position."""
+        return self._from_layout(x)
+
     @abstractmethod
     def _to_layout(self, x: Tensor) -> Tensor:
         """`[B, L, N, *extra]` -> this arrangement's layout (with batch and trailing dims)."""

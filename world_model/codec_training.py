@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from melodjinn.world_model.artifacts import CONFIG_FILE, load_tensors, read_json, save_tensors

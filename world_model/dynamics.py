@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from melodjinn.world_model.arrangements import Arrangement, make_arrangement
+from melodjinn.world_model.arrangements import make_arrangement
 from melodjinn.world_model.errors import CheckpointError, ConfigError, MelodjinnError
 from melodjinn.world_model.runtime import as_plain_dict, to_dataclass
 from melodjinn.world_model.transformer import Rotary, Transformer, TransformerConfig
@@ -166,11 +166,6 @@ class _StreamIO(nn.Module):
         self.head = nn.Parameter(torch.randn(K, V, C) * 0.02)
 
 
-def _by_position(arrangement: Arrangement, x: Tensor) -> Tensor:
-    # arrangement layout (B, ...) → (B, L, N, *extra). The arrangement owns its layout; this is its own converter.
-    return arrangement._from_layout(x)
-
-
 class DynamicsModel(nn.Module):
     def __init__(self, cfg: DynamicsConfig):
         super().__init__()
@@ -256,7 +251,7 @@ class DynamicsModel(nn.Module):
         seq = arr.arrange(torch.zeros(1, S, K, T, dtype=torch.long))
 
         def by_pos(x: Tensor) -> Tensor:
-            return _by_position(arr, x.unsqueeze(0))[0]  # layout without B → (L, N)
+            return arr.by_position(x.unsqueeze(0))[0]  # layout without B → (L, N)
 
         stream, codebook, frame = by_pos(seq.stream_ids), by_pos(seq.codebook_ids), by_pos(seq.frame_ids)
         valid = by_pos(seq.mask[0])
@@ -314,7 +309,7 @@ class DynamicsModel(nn.Module):
         styles = self._check_styles(styles, B, device)
         tab = self._tables(T, device)
         rows = self._rows()
-        seq = _by_position(arr, arr.arrange(tokens).tokens)  # (B, L, N)
+        seq = arr.by_position(arr.arrange(tokens).tokens)  # (B, L, N)
         L, N = tab.L, tab.N
         tok = seq[:, :-1] + tab.row_base[:-1]  # (B, L-1, N): the input at index i holds position i-1's tokens
         masked, drop = (None, None)

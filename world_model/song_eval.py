@@ -47,7 +47,7 @@ from melodjinn.world_model.song_world import (
 )
 from melodjinn.world_model.drum_world import drum_sound
 from melodjinn.world_model.world_data import build_world_tensors
-from melodjinn.world_model.worlds import FRAME_RATE, HOP, SAMPLE_RATE, SECTIONS
+from melodjinn.world_model.worlds import HOP, SAMPLE_RATE, SECTIONS
 
 # MIDI registers the pitch tracker searches, per pitched stem (a little wider than the world's ranges)
 PITCH_RANGE = {"bass": (28, 56), "lead": (55, 90)}
