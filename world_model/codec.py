@@ -461,7 +461,8 @@ class TrainedCodec(nn.Module):
         kind = trained_codecs().get(saved.get("name")) if cls is TrainedCodec else cls
         if kind is None or saved.get("name") != kind.name:
             want = " or ".join(trained_codecs()) if kind is None else kind.name
-            raise CheckpointError(f"{directory} holds a {saved.get('name')!r} codec, not a {want} codec; "
+            article = "an" if want[0] in "aeiou" else "a"
+            raise CheckpointError(f"{directory} holds a {saved.get('name')!r} codec, not {article} {want} codec; "
                                   f"use codec.name={saved.get('name')}")
         for key, want in (("sample_rate", SAMPLE_RATE), ("hop", HOP)):
             if saved.get(key) != want:

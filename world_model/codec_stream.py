@@ -42,7 +42,8 @@ class StreamingDecoder:
 
     def __init__(self, codec: TinyCodec):
         if not isinstance(codec, TinyCodec) or not codec.config.causal:
-            raise CheckpointError("streaming decoding needs the causal tiny codec (TinyCodec with causal=true) or the additive codec")
+            raise CheckpointError("StreamingDecoder needs the causal tiny codec (TinyCodec with causal=true); "
+                                  "streaming_decoder(codec) picks the decoder for an additive codec")
         self.codec = codec
         with torch.no_grad():
             self.ops = _flatten(codec.decoder.model)

@@ -54,7 +54,7 @@ PITCH_RANGE = {"bass": (28, 56), "lead": (55, 90)}
 STATISTICS = ("onsets_per_second", "rms", "pitch_mean")
 PITCH_VOICING = 0.7  # normalised autocorrelation a frame needs for the listeners' pitch-change onsets
 # Whether a stem's listener also hears a note where a held pitch moves to another (`with_pitch_changes`). Chosen on
-# held-out truth (seed 1000) as the shipped song codec (additive) renders it: lead F1 0.51 → 0.70 with it (that
+# held-out truth (seed 1000) as the shipped song codec (additive) renders it: lead F1 0.51 → 0.69 with it (that
 # codec does not render the short dip between legato lead notes), bass 0.90 → 0.86 (so off).
 STEM_PITCH_CHANGE_ONSETS = {"bass": False, "lead": True}
 # note_onsets' (window, skip, rise) per pitched stem, tuned on held-out songs (seed 1000) as the earlier (tiny,
