@@ -30,6 +30,9 @@ def _ppo(env, seed: int = 0, sb3_defaults: bool = False):
 
 
 def _timed_learn(model, steps: int) -> float:
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default logger makes a /tmp/SB3-<time> folder per call
     start = time.perf_counter()
     model.learn(steps)
     return model.num_timesteps / (time.perf_counter() - start)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.logger import Logger
 
 import melodjinn.envs  # noqa: F401  (registers the ids)
 from melodjinn.envs import (ActionPriorBonus, EnvError, MusicVectorEnv, MusicWorldEnv, PreferenceReward, SB3VecEnv,
@@ -205,6 +206,7 @@ def test_sb3_vec_env_matches_vector_env_and_trains_ppo():
     assert dones.all() and infos[0]["TimeLimit.truncated"]
     assert np.array_equal(infos[1]["terminal_observation"]["tokens"], ref_obs["tokens"][1])
     model = PPO("MultiInputPolicy", VecMonitor(venv), n_steps=8, batch_size=16, n_epochs=1, seed=0, device="cpu")
+    model.set_logger(Logger(folder=None, output_formats=[]))  # no /tmp/SB3-<time> folder
     model.learn(16)
     assert len(model.ep_info_buffer) >= 2  # episodes finished and were reported through the adapter
 
