@@ -140,7 +140,7 @@ def test_training_learns_to_render_bass_and_lead(tmp_path):
 
 
 def test_streaming_decode_equals_one_decode_of_the_whole():
-    """Chunks of any size decode (in absolute time, with the frames the decoder reaches back to) to the whole
+    """Chunks of any size decode (in absolute time, with the decoder's state carried between them) to the whole
     sequence's audio; `streaming_decoder` picks this decoder for an additive codec (the env's path)."""
     from melodjinn.world_model.codec_stream import AdditiveStreamingDecoder, streaming_decoder
 

@@ -20,7 +20,7 @@ model has to predict the walk (README, "Song world"). This codec is phase-free b
   than a bass period, so its magnitudes follow a low note's phase a little; averaging its power over `short_hops`
   positions across the frame smooths that out, and these codebooks then hold almost still on held notes (README,
   "Song world": steadier codes did not make a better song model there).
-- **Decoder** (causal convolutions over frames): per frame, the amplitudes of `harmonics` harmonics of the frame's
+- **Decoder** (causal convolutions over frames, so it streams: `carry`): per frame, the amplitudes of `harmonics` harmonics of the frame's
   pitch, the gains of `noise_bands` fixed band-limited noises (drums, breath), and an attack shape g in (0, 1):
   within frame t every amplitude moves from its frame t-1 value to its frame t value as `g + (1 - g) · ramp` — a
   step at the frame start (a note or hit starting on the boundary) or a linear ramp.
@@ -98,8 +98,14 @@ class AdditiveCodecConfig:
 
 
 class _CausalConv(nn.Conv1d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, ((self.kernel_size[0] - 1) * self.dilation[0], 0)))
+    @property
+    def reach(self) -> int:
+        """Past inputs each output sees."""
+        return (self.kernel_size[0] - 1) * self.dilation[0]
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, T); past (B, C, reach) the inputs before x (None: silence) → (B, C', T)."""
+        return super().forward(F.pad(x, (self.reach, 0)) if past is None else torch.cat([past, x], -1))
 
 
 class _ResidualStack(nn.Module):
@@ -113,9 +119,18 @@ class _ResidualStack(nn.Module):
 
         self.blocks = nn.ModuleList(nn.ModuleList([conv(2**i), nn.Conv1d(width, width, 1)]) for i in range(layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for wide, point in self.blocks:
-            x = x + point(F.gelu(wide(F.gelu(x))))
+    def forward(self, x: torch.Tensor, carry: dict | None = None) -> torch.Tensor:
+        """`carry` (causal stacks): each convolution's last inputs from the previous call, read and replaced, so a
+        sequence fed in parts gives the outputs of one call on the whole."""
+        for i, (wide, point) in enumerate(self.blocks):
+            h = F.gelu(x)
+            if carry is None:
+                y = wide(h)
+            else:
+                past = carry.get(i, h.new_zeros(h.shape[0], h.shape[1], wide.reach))
+                y = wide(h, past)
+                carry[i] = torch.cat([past, h], -1)[..., h.shape[-1] :]
+            x = x + point(F.gelu(y))
         return x
 
 
@@ -166,23 +181,23 @@ class AdditiveCodec(TrainedCodec):
 
     # synthesis ----------------------------------------------------------------------------------------------------
 
-    @property
-    def receptive_frames(self) -> int:
-        """Past frames the decoder's output at a frame depends on (its causal convolutions' reach)."""
-        return 2 * (2**self.config.decoder_layers - 1)
-
-    def synthesize(self, latent: torch.Tensor, pitch: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
+    def synthesize(self, latent: torch.Tensor, pitch: torch.Tensor, start_frame: int = 0, carry: dict | None = None) -> torch.Tensor:
         """latent (B, D, T) quantised, pitch (B, T) codebook-0 codes → audio (B, 1, T·HOP); `start_frame` places
-        the frames in absolute time (sinusoid phases, noise position) when decoding a later part of a sequence."""
+        the frames in absolute time (sinusoid phases, noise position) when decoding a later part of a sequence.
+        `carry` (a dict, empty at a sequence's start): what the next part needs of this one (the convolutions'
+        last inputs, the last frame's levels and pitch), updated in place; parts then decode as the whole would."""
         c = self.config
         H, nb = c.harmonics, c.noise_bands
         hidden = self.decoder_in(latent) + self.pitch_embedding(pitch).transpose(1, 2)
-        out = self.head(self.decoder(hidden)).transpose(1, 2)  # (B, T, H + nb + 1)
+        out = self.head(self.decoder(hidden, None if carry is None else carry.setdefault("convolutions", {})))
+        out = out.transpose(1, 2)  # (B, T, H + nb + 1)
         B, T, _ = out.shape
         levels = torch.sigmoid(out[..., :-1]).pow(2.3)  # (B, T, H + nb): harmonic amplitudes and noise gains
         shape = torch.sigmoid(out[..., -1:])  # (B, T, 1)
-        before = torch.cat([levels.new_zeros(B, 1, H + nb), levels[:, :-1]], 1)
-        pitch_before = torch.cat([pitch.new_zeros(B, 1), pitch[:, :-1]], 1)
+        carry = {} if carry is None else carry
+        before = torch.cat([carry.get("levels", levels.new_zeros(B, 1, H + nb)), levels[:, :-1]], 1)
+        pitch_before = torch.cat([carry.get("pitch", pitch.new_zeros(B, 1)), pitch[:, :-1]], 1)
+        carry["levels"], carry["pitch"] = levels[:, -1:], pitch[:, -1:]
 
         frames = torch.arange(start_frame, start_frame + T, device=latent.device)
         L = self.noise.shape[-1]
@@ -232,13 +247,14 @@ class AdditiveCodec(TrainedCodec):
         return torch.cat([self.track_pitch(x)[:, None], codes.transpose(0, 1)], 1).contiguous()  # (B, K, T)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
-        """As `Codec.decode`; `start_frame`: where the codes sit in a longer sequence (see `synthesize`)."""
+    def decode(self, codes: torch.Tensor, start_frame: int = 0, carry: dict | None = None) -> torch.Tensor:
+        """As `Codec.decode`; `start_frame`: where the codes sit in a longer sequence; `carry`: the decoder's state
+        from the sequence's previous part (see `synthesize`; `codec_stream.AdditiveStreamingDecoder` keeps it)."""
         codes = _check_codes(codes, self.num_codebooks, self.codebook_size, self.device)
         B, K, T = codes.shape
         latent = (self.quantizer.vq.decode(codes[:, 1:].transpose(0, 1)) if K > 1
                   else torch.zeros(B, self.config.dimension, T, device=codes.device))
-        return self.synthesize(latent, codes[:, 0], start_frame)
+        return self.synthesize(latent, codes[:, 0], start_frame, carry)
 
 
 def _whole_frames(x: torch.Tensor) -> torch.Tensor:

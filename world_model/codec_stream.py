@@ -1,7 +1,7 @@
 """Streaming decoding: tokens in chunks → audio in chunks, equal to one decode of the whole.
 
 `streaming_decoder(codec)` picks the decoder for a codec: `StreamingDecoder` for the tiny codec (below), or
-`AdditiveStreamingDecoder` for the additive codec (it re-decodes the few frames its causal convolutions reach back).
+`AdditiveStreamingDecoder` for the additive codec (it carries its causal convolutions' last inputs).
 
 The tiny codec:
 
@@ -69,18 +69,18 @@ class StreamingDecoder:
 
 
 class AdditiveStreamingDecoder:
-    """Chunk-by-chunk decoding of an AdditiveCodec: each chunk is decoded with the frames before it that the
-    decoder's causal convolutions reach (plus one: a frame fades from its predecessor's levels), in absolute time,
-    and only the new frames' audio is kept. Equal to one decode of the whole, to float rounding."""
+    """Chunk-by-chunk decoding of an AdditiveCodec: each chunk is decoded in absolute time with the decoder's state
+    carried from the previous one (its causal convolutions' last inputs; the last frame's levels and pitch, which
+    the next frame fades from), so a chunk costs only its own frames. Equal to one decode of the whole, to float
+    rounding."""
 
     def __init__(self, codec: AdditiveCodec):
         self.codec = codec
-        self.context = codec.receptive_frames + 1
         self.reset()
 
     def reset(self) -> None:
         """Start new sequences (the next chunk is a first chunk)."""
-        self.past: torch.Tensor | None = None  # (B, K, ≤ context) the last frames decoded
+        self.carry: dict = {}
         self.next_frame = 0
 
     @torch.no_grad()
@@ -91,10 +91,7 @@ class AdditiveStreamingDecoder:
         T = codes.shape[-1]
         if T == 0:
             return torch.zeros(codes.shape[0], 1, 0, device=codec.device)
-        whole = codes if self.past is None else torch.cat([self.past, codes], -1)
-        lead = whole.shape[-1] - T
-        audio = codec.decode(whole, start_frame=self.next_frame - lead)[..., lead * HOP :]
-        self.past = whole[..., -self.context :]
+        audio = codec.decode(codes, start_frame=self.next_frame, carry=self.carry)
         self.next_frame += T
         return audio
 
