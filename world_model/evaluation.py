@@ -11,8 +11,9 @@
   3/s on the default world, one that obeys about 0);
 - delta_psnr: Genie's measure — PSNR of the continuation generated with the clip's own LAM actions minus with
   random actions (positive = the actions carry what happens next);
-- token_ce: held-out teacher-forced cross-entropy of the dynamics given the LAM's actions (and per stream);
-  token_ce_null: the same with the null action throughout (the dynamics alone, comparable across LAMs);
+- token_ce: held-out teacher-forced cross-entropy of the dynamics given the LAM's actions (and per stream, and per
+  stream on the frames where its events start: `token_ce_<stream>_onsets`); token_ce_null: the same with the null
+  action throughout (the dynamics alone, comparable across LAMs);
 - on the song world, per-section statistics of generated songs against the truth and cross-stream coupling of
   single-pass vs independently generated stems (`song_eval.py`).
 """

@@ -350,22 +350,28 @@ class WorldLoss(nn.Module):
 
 @torch.no_grad()
 def heldout_token_ce(model: WorldModel, data: WorldTensors, actions: torch.Tensor | None, device, batch: int = 32) -> dict[str, float]:
-    """Teacher-forced token cross-entropy (nats) given LAM actions (N, J): `token_ce` over every stream and
-    `token_ce_<stream>` per stream. With actions None every frame gets the null action and the keys are
-    `token_ce_null…`: what the dynamics predict from the tokens alone, which compares models whose LAMs differ
-    (a LAM that heard a stream announces its notes; one that did not cannot)."""
+    """Teacher-forced token cross-entropy (nats) given LAM actions (N, J): `token_ce` over every stream,
+    `token_ce_<stream>` per stream, and `token_ce_<stream>_onsets` over the frames where one of the stream's events
+    starts (the musical decisions; a held note's frames are mostly the codec's detail). With actions None every
+    frame gets the null action and the keys are `token_ce_null…`: what the dynamics predict from the tokens alone,
+    which compares models whose LAMs differ (a LAM that heard a stream announces its notes; one that did not cannot)."""
     T = data.tokens.shape[-1]
     names = model.stream_names
-    sums = torch.zeros(len(names))
+    sums, onset_sums, onset_frames = torch.zeros(len(names)), torch.zeros(len(names)), torch.zeros(len(names))
     for i in range(0, len(data), batch):
         tokens = data.tokens[i : i + batch].to(device)
         frame_actions = None if actions is None else model.frame_actions(actions[i : i + batch].to(device), T)
         logits, _ = model.dynamics(tokens, frame_actions, data.sections[i : i + batch].to(device))  # (B, S, K, T, V)
-        ce = F.cross_entropy(logits.movedim(-1, 1), tokens, reduction="none")  # (B, S, K, T)
-        sums += ce.transpose(0, 1).reshape(len(names), -1).sum(1).cpu()
+        ce = F.cross_entropy(logits.movedim(-1, 1), tokens, reduction="none").cpu()  # (B, S, K, T)
+        onsets = data.events[i : i + batch] > 0  # (B, S, T)
+        sums += ce.transpose(0, 1).reshape(len(names), -1).sum(1)
+        onset_sums += (ce.mean(2) * onsets).sum((0, 2))
+        onset_frames += onsets.sum((0, 2))
     per_stream = sums / (len(data) * data.tokens.shape[2] * T)
     key = "token_ce" if actions is not None else "token_ce_null"
-    return {key: float(per_stream.mean()), **{f"{key}_{n}": float(v) for n, v in zip(names, per_stream)}}
+    out = {key: float(per_stream.mean()), **{f"{key}_{n}": float(v) for n, v in zip(names, per_stream)}}
+    out.update({f"{key}_{n}_onsets": float(v / c) for n, v, c in zip(names, onset_sums, onset_frames) if c > 0})
+    return out
 
 
 def _grown_model(init: str, add_streams: list[str], like: str | None, world, world_cfg: dict, device) -> WorldModel:
