@@ -157,6 +157,8 @@ def test_streaming_decode_equals_one_decode_of_the_whole():
             parts.append(decoder.decode(codes[..., at : at + n]))
             at += n
         assert torch.allclose(torch.cat(parts, -1), whole, atol=1e-5), sizes
+    with pytest.raises(ConfigError, match="reset"):  # a different batch without reset() would mix sequences' state
+        decoder.decode(codes.repeat(2, 1, 1)[..., :4])
 
 
 def test_eval_codec_scores_song_stems_one_at_a_time(capsys):

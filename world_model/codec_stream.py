@@ -27,7 +27,7 @@ from torch import nn
 
 from melodjinn.world_model.additive_codec import AdditiveCodec
 from melodjinn.world_model.codec import HOP, TinyCodec, _check_codes
-from melodjinn.world_model.errors import CheckpointError
+from melodjinn.world_model.errors import CheckpointError, ConfigError
 
 
 class StreamingDecoder:
@@ -91,6 +91,9 @@ class AdditiveStreamingDecoder:
         T = codes.shape[-1]
         if T == 0:
             return torch.zeros(codes.shape[0], 1, 0, device=codec.device)
+        if self.carry and self.carry["pitch"].shape[0] != codes.shape[0]:
+            raise ConfigError(f"AdditiveStreamingDecoder: {codes.shape[0]} sequences follow {self.carry['pitch'].shape[0]}; "
+                              "call reset() before decoding a different batch")
         audio = codec.decode(codes, start_frame=self.next_frame, carry=self.carry)
         self.next_frame += T
         return audio
