@@ -48,7 +48,7 @@ class EnergyCodec:
         codes = [rms, mean] + [rms] * (self.num_codebooks - 2)
         return torch.stack(codes, dim=1).long()
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
         return torch.zeros(codes.shape[0], 1, codes.shape[-1] * HOP)
 
 

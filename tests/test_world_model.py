@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from melodjinn.cli.main import compose
 from melodjinn.world_model.codec import TinyCodec, TinyCodecConfig
 from melodjinn.world_model.drum_world import DrumWorld, DrumWorldConfig
-from melodjinn.world_model.dynamics import DynamicsConfig
+from melodjinn.world_model.dynamics import DynamicsConfig, DynamicsModel
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.lam import LAMConfig, LatentActionModel
 from melodjinn.world_model.worlds import make_world
@@ -160,10 +160,24 @@ def test_add_stream_grows_a_trained_model_and_fine_tunes_only_the_new_stream(unt
     from melodjinn.world_model.training import _grown_model
 
     world_cfg = dict(grown.world)
-    like = _grown_model(str(base_dir), ["lead"], "drums", make_world(world_cfg, seed=0), world_cfg, "cpu")
+    like = _grown_model(str(base_dir), ["lead"], "drums", 1.0, 0.0, make_world(world_cfg, seed=0), world_cfg, "cpu")
     assert torch.equal(like.dynamics.streams["lead"].head, base.dynamics.streams["drums"].head)
     with pytest.raises(ConfigError, match="needs add_streams"):
-        _grown_model(str(base_dir), [], "drums", make_world({**world_cfg, "stems": ["drums"]}, seed=0), world_cfg, "cpu")
+        _grown_model(str(base_dir), [], "drums", 1.0, 0.0, make_world({**world_cfg, "stems": ["drums"]}, seed=0), world_cfg, "cpu")
+    # shrink and perturb: the backbone starts as half the trained weights plus a fresh initialisation's
+    torch.manual_seed(0)
+    shrunk = _grown_model(str(base_dir), ["lead"], "drums", 0.5, 0.3, make_world(world_cfg, seed=0), world_cfg, "cpu")
+    torch.manual_seed(0)
+    WorldModel.load(base_dir)  # the same draws as _grown_model's load, so the next model is the fresh part above
+    fresh = dict(DynamicsModel(base.dynamics.cfg).named_parameters())
+    grown_params = dict(shrunk.dynamics.named_parameters())
+    for name, tensor in base.dynamics.named_parameters():
+        torch.testing.assert_close(grown_params[name], 0.5 * tensor + 0.3 * fresh[name], msg=name)
+    torch.testing.assert_close(shrunk.dynamics.streams["lead"].head, shrunk.dynamics.streams["drums"].head)
+    with pytest.raises(ConfigError, match="init_shrink and init_perturb need init"):
+        train_world(compose("train-world", _song_overrides(untrained_codec, tmp_path / "bad3", 3, ["drums"]) + ["init_shrink=0.5"]))
+    with pytest.raises(ConfigError, match=r"shrink must be in \(0, 1\]"):
+        base.dynamics.shrink_and_perturb(0.0, 0.5)
 
 
 def test_swapping_two_actions_only_renames_them():

@@ -139,7 +139,6 @@ class AdditiveCodec(TrainedCodec):
 
     name = "additive"
     config_class = AdditiveCodecConfig
-    absolute_time = True  # decode(codes, start_frame): the audio of a frame depends on where it sits in time
 
     def __init__(self, config: AdditiveCodecConfig | None = None):
         super().__init__((config or AdditiveCodecConfig()).validate())

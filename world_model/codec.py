@@ -51,8 +51,10 @@ class Codec(Protocol):
         """(B, 1, N) float → (B, K, T) int64 codes, T = ceil(N / hop)."""
         ...
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, K, T) int64 → (B, 1, T * hop) float waveform."""
+    def decode(self, codes: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
+        """(B, K, T) int64 → (B, 1, T * hop) float waveform. `start_frame`: where the codes sit in a longer
+        sequence; a codec whose audio depends on absolute time (the additive codec's sinusoids) needs it, the
+        convolutional codecs are time-invariant and ignore it."""
         ...
 
 
@@ -288,7 +290,7 @@ class EncodecCodec(nn.Module):
         return codes.transpose(0, 1).contiguous()  # (B, K, T)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
         codes = _check_codes(codes, self.num_codebooks, self.codebook_size, self.device)
         emb = self.model.quantizer.decode(codes.transpose(0, 1))  # (B, D, T)
         return self.model.decoder(emb)[..., : codes.shape[-1] * HOP]  # (B, 1, T * hop)
@@ -430,7 +432,7 @@ class TrainedCodec(nn.Module):
         return codes.transpose(0, 1).contiguous()  # (B, K, T)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
         codes = _check_codes(codes, self.num_codebooks, self.codebook_size, self.device)
         emb = self.quantizer.vq.decode(codes.transpose(0, 1))  # (B, D, T)
         return self.decode_latent(emb)[..., : codes.shape[-1] * HOP]  # (B, 1, T * hop)

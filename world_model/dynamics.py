@@ -485,6 +485,19 @@ class DynamicsModel(nn.Module):
             self.transformer.cfg.max_positions = needed
         return self
 
+    @torch.no_grad()
+    def shrink_and_perturb(self, shrink: float, perturb: float) -> DynamicsModel:
+        """θ ← shrink·θ + perturb·θ_fresh for every parameter (in place; returns self), θ_fresh a fresh initialisation
+        of this model (Ash & Adams 2020, "On warm-starting neural network training"). A model warm-started from one
+        trained on the same clips ends behind a fresh one; the shrunk weights keep what it learnt, the fresh part
+        gives back an initialisation's spread. shrink=1, perturb=0 is a plain warm start."""
+        if not (0 < shrink <= 1 and perturb >= 0):
+            raise ConfigError(f"shrink_and_perturb: shrink must be in (0, 1] and perturb >= 0, got {shrink}, {perturb}")
+        fresh = DynamicsModel(self.cfg).state_dict()
+        for name, p in self.named_parameters():
+            p.mul_(shrink).add_(fresh[name].to(p.device, p.dtype), alpha=perturb)
+        return self
+
     def freeze_backbone(self, train_streams: Sequence[str]) -> list[str]:
         """Freeze every parameter except the embeddings and heads of `train_streams` (e.g. a newly added stream);
         returns the names of the parameters left trainable. `unfreeze()` undoes it."""

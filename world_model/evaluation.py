@@ -14,6 +14,8 @@
 - token_ce: held-out teacher-forced cross-entropy of the dynamics given the LAM's actions (and per stream, and per
   stream on the frames where its events start: `token_ce_<stream>_onsets`); token_ce_null: the same with the null
   action throughout (the dynamics alone, comparable across LAMs);
+- token_ce_by_frame: where each stream's token_ce_null lies, per codebook: on the frames where the stream's events
+  start, or between them (held notes, decays, rests);
 - on the song world, per-section statistics of generated songs against the truth and cross-stream coupling of
   single-pass vs independently generated stems (`song_eval.py`).
 """
@@ -32,7 +34,7 @@ from melodjinn.world_model.events import DrumHitDetector
 from melodjinn.world_model.metrics import contingency, normalized_mutual_info, psnr_db, purity
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
 from melodjinn.world_model.song_eval import SongEvalConfig, evaluate_songs
-from melodjinn.world_model.training import action_targets, heldout_token_ce
+from melodjinn.world_model.training import action_targets, heldout_token_ce, token_ce_map
 from melodjinn.world_model.world_data import WorldTensors, build_world_tensors
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import FRAME_RATE, HOP, make_world
@@ -168,6 +170,29 @@ def delta_psnr(model: WorldModel, data: WorldTensors, actions: np.ndarray, used:
     return {"psnr_lam_actions": scores["lam"], "psnr_random_actions": scores["random"], "delta_psnr": scores["lam"] - scores["random"]}
 
 
+def token_ce_by_frame(model: WorldModel, data: WorldTensors, device) -> dict[str, dict]:
+    """Where each stream's held-out token CE (null action) lies: {stream: {"onsets" | "between": {"frames": share of
+    the stream's frames, "ce_per_codebook": [K] mean nats, "ce_share": share of the stream's CE}}}. "onsets" are the
+    frames where one of the stream's events starts, "between" the rest. On the song world most of a tonal stem's
+    CE is between its onsets, in the residual codebooks: which code a held note's spectrum takes next."""
+    ce = token_ce_map(model, data, None, device)  # (N, S, K, T)
+    onsets = data.events > 0  # (N, S, T)
+    out = {}
+    for s, name in enumerate(model.stream_names):
+        stream_ce = ce[:, s]  # (N, K, T)
+        kinds = {}
+        for kind, mask in (("onsets", onsets[:, s]), ("between", ~onsets[:, s])):
+            frames = int(mask.sum())
+            if frames == 0:
+                continue
+            masked = stream_ce * mask[:, None]  # (N, K, T)
+            kinds[kind] = {"frames": frames / mask.numel(),
+                           "ce_per_codebook": [float(v) for v in masked.sum((0, 2)) / frames],
+                           "ce_share": float(masked.sum() / stream_ce.sum())}
+        out[name] = kinds
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: WorldModel, world_cfg, cfg: EvalWorldConfig, device="cpu") -> dict:
     model.eval()
@@ -183,6 +208,7 @@ def evaluate(model: WorldModel, world_cfg, cfg: EvalWorldConfig, device="cpu") -
         "actions_per_second": FRAME_RATE / model.stride,
         **heldout_token_ce(model, data, torch.from_numpy(actions), device),
         **heldout_token_ce(model, data, None, device),
+        "token_ce_by_frame": token_ce_by_frame(model, data, device),
         "action_table": contingency(actions, labels).tolist(),
     }
     if world_cfg["name"] == "drums":

@@ -101,6 +101,7 @@ class Trainer:
         self.init = cfg.get("init")
         if self.init:
             self.model = _grown_model(self.init, list(cfg.get("add_streams") or []), cfg.get("add_streams_like"),
+                                      float(cfg.get("init_shrink", 1.0)), float(cfg.get("init_perturb", 0.0)),
                                       self.world, world_cfg, self.device)
             codec = self.model.codec
             if self.train_cfg.new_streams_only:
@@ -108,6 +109,8 @@ class Trainer:
         else:
             if cfg.get("add_streams") or cfg.get("add_streams_like"):
                 raise ConfigError("add_streams (and add_streams_like) need init=DIR: the trained model to grow")
+            if cfg.get("init_shrink", 1.0) != 1.0 or cfg.get("init_perturb", 0.0) != 0.0:
+                raise ConfigError("init_shrink and init_perturb need init=DIR: the trained model to start from")
             codec = load_codec(cfg.codec, device=self.device)
             lam_cfg = to_dataclass(LAMConfig, cfg.model.lam, "model.lam")
             dyn = OmegaConf.to_container(cfg.model.dynamics, resolve=True)
@@ -349,35 +352,41 @@ class WorldLoss(nn.Module):
 
 
 @torch.no_grad()
-def heldout_token_ce(model: WorldModel, data: WorldTensors, actions: torch.Tensor | None, device, batch: int = 32) -> dict[str, float]:
-    """Teacher-forced token cross-entropy (nats) given LAM actions (N, J): `token_ce` over every stream,
-    `token_ce_<stream>` per stream, and `token_ce_<stream>_onsets` over the frames where one of the stream's events
-    starts (the musical decisions; a held note's frames are mostly the codec's detail). With actions None every
-    frame gets the null action and the keys are `token_ce_null…`: what the dynamics predict from the tokens alone,
-    which compares models whose LAMs differ (a LAM that heard a stream announces its notes; one that did not cannot)."""
+def token_ce_map(model: WorldModel, data: WorldTensors, actions: torch.Tensor | None, device, batch: int = 32) -> torch.Tensor:
+    """Teacher-forced cross-entropy (nats) of every held-out token, (N, S, K, T), given LAM actions (N, J); with
+    actions None every frame gets the null action (what the dynamics predict from the tokens alone)."""
     T = data.tokens.shape[-1]
-    names = model.stream_names
-    sums, onset_sums, onset_frames = torch.zeros(len(names)), torch.zeros(len(names)), torch.zeros(len(names))
+    out = []
     for i in range(0, len(data), batch):
         tokens = data.tokens[i : i + batch].to(device)
         frame_actions = None if actions is None else model.frame_actions(actions[i : i + batch].to(device), T)
         logits, _ = model.dynamics(tokens, frame_actions, data.sections[i : i + batch].to(device))  # (B, S, K, T, V)
-        ce = F.cross_entropy(logits.movedim(-1, 1), tokens, reduction="none").cpu()  # (B, S, K, T)
-        onsets = data.events[i : i + batch] > 0  # (B, S, T)
-        sums += ce.transpose(0, 1).reshape(len(names), -1).sum(1)
-        onset_sums += (ce.mean(2) * onsets).sum((0, 2))
-        onset_frames += onsets.sum((0, 2))
-    per_stream = sums / (len(data) * data.tokens.shape[2] * T)
+        out.append(F.cross_entropy(logits.movedim(-1, 1), tokens, reduction="none").cpu())  # (B, S, K, T)
+    return torch.cat(out)
+
+
+def heldout_token_ce(model: WorldModel, data: WorldTensors, actions: torch.Tensor | None, device, batch: int = 32) -> dict[str, float]:
+    """Held-out token cross-entropy (`token_ce_map`) summarised: `token_ce` over every stream, `token_ce_<stream>`
+    per stream, and `token_ce_<stream>_onsets` over the frames where one of the stream's events starts (the musical
+    decisions; a held note's frames are mostly the codec's detail). With actions None the keys are
+    `token_ce_null…`, which compare models whose LAMs differ (a LAM that heard a stream announces its notes; one
+    that did not cannot)."""
+    ce = token_ce_map(model, data, actions, device, batch)  # (N, S, K, T)
+    onsets = data.events > 0  # (N, S, T)
+    per_stream = ce.mean((0, 2, 3))
+    onset_sums, onset_frames = (ce.mean(2) * onsets).sum((0, 2)), onsets.sum((0, 2))
     key = "token_ce" if actions is not None else "token_ce_null"
+    names = model.stream_names
     out = {key: float(per_stream.mean()), **{f"{key}_{n}": float(v) for n, v in zip(names, per_stream)}}
     out.update({f"{key}_{n}_onsets": float(v / c) for n, v, c in zip(names, onset_sums, onset_frames) if c > 0})
     return out
 
 
-def _grown_model(init: str, add_streams: list[str], like: str | None, world, world_cfg: dict, device) -> WorldModel:
-    """The trained world model in `init` with `add_streams` added (new embeddings and heads, backbone and LAM
-    kept; copies of stream `like`'s when given), checked against the world it will train on: its stems must be the
-    model's streams, then the new ones."""
+def _grown_model(init: str, add_streams: list[str], like: str | None, shrink: float, perturb: float, world,
+                 world_cfg: dict, device) -> WorldModel:
+    """The trained world model in `init`, its dynamics shrunk and perturbed (`DynamicsModel.shrink_and_perturb`),
+    with `add_streams` added (new embeddings and heads, backbone and LAM kept; copies of stream `like`'s when
+    given), checked against the world it will train on: its stems must be the model's streams, then the new ones."""
     model = WorldModel.load(init, device=device)
     expected = model.stream_names + add_streams
     if list(world.stem_names) != expected:
@@ -385,6 +394,7 @@ def _grown_model(init: str, add_streams: list[str], like: str | None, world, wor
                           f"give stems {expected} in that order (e.g. world.stems=[{','.join(expected)}])")
     if like is not None and not add_streams:
         raise ConfigError(f"add_streams_like={like} needs add_streams=[...]: the streams to start as copies of it")
+    model.dynamics.shrink_and_perturb(shrink, perturb)
     for name in add_streams:
         model.dynamics.add_stream(name, like=like)
     model.world = world_cfg

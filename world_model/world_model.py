@@ -91,10 +91,7 @@ class WorldModel(nn.Module):
         """(B, S, K, T) tokens → (B, S, T·HOP) stem waveforms. `start_frame`: where the tokens sit in a longer
         sequence, for a codec whose audio depends on it (the additive codec's sinusoids run in absolute time)."""
         B, S, K, T = tokens.shape
-        codes = tokens.reshape(B * S, K, T)
-        if getattr(self.codec, "absolute_time", False):
-            return self.codec.decode(codes, start_frame=start_frame).view(B, S, -1)
-        return self.codec.decode(codes).view(B, S, -1)
+        return self.codec.decode(tokens.reshape(B * S, K, T), start_frame=start_frame).view(B, S, -1)
 
     # ---- generation ---------------------------------------------------------------------------------------------
 
