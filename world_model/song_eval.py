@@ -7,7 +7,7 @@ with simple detectors and scores generated songs against the world's ground trut
   bass and lead — a note starts where a stem's energy rises out of the dip that ends every synth note (the
   world's notes release to silence at their last frame's end) or out of silence, and for the lead also where a
   held pitch moves to another (`pitch.py`: a codec may not render the short dip between legato notes); its pitch
-  is the autocorrelation period over the note's first frames; energy — per-frame RMS of each stem. Generated and true
+  is the median `frame_pitch` over the note's first frames; energy — per-frame RMS of each stem. Generated and true
   songs are measured with the same detectors on codec-decoded audio, so what the detectors miss cancels out;
   their F1 against the labels on that audio (`detector_f1`) says how far to trust them.
 - **Protocol**: `song_clips` held-out whole songs (seed `eval_seed`, each `song_seconds` long, its own sampled
@@ -52,7 +52,8 @@ from melodjinn.world_model.worlds import HOP, SAMPLE_RATE, SECTIONS
 # MIDI registers the pitch tracker searches, per pitched stem (a little wider than the world's ranges)
 PITCH_RANGE = {"bass": (28, 56), "lead": (55, 90)}
 STATISTICS = ("onsets_per_second", "rms", "pitch_mean")
-PITCH_VOICING = 0.7  # normalised autocorrelation a frame needs for the listeners' pitch-change onsets
+PITCH_VOICING = 0.7  # normalised autocorrelation a frame needs for a pitch (note pitches, pitch-change onsets)
+NOTE_PITCH_FRAMES = 8  # a note's pitch is read from its first frames, at most this many
 # Whether a stem's listener also hears a note where a held pitch moves to another (`with_pitch_changes`). Chosen on
 # held-out truth (seed 1000) as the shipped song codec (additive) renders it: lead F1 0.51 → 0.69 with it (that
 # codec does not render the short dip between legato lead notes), bass 0.90 → 0.86 (so off).
@@ -96,21 +97,18 @@ class StemListener:
             if name == "drums":
                 events[:, s] = self.drums.detect(stems[:, s, : T * HOP])
                 continue
-            frame_midi = None
-            if STEM_PITCH_CHANGE_ONSETS[name]:
-                lo, hi = PITCH_RANGE[name]
-                frame_midi = frame_pitch(torch.from_numpy(stems[:, s]), int(2.2 * SAMPLE_RATE / hz(lo)), (lo, hi),
-                                         PITCH_VOICING).numpy()[:, :T]
+            lo, hi = PITCH_RANGE[name]
+            frame_midi = frame_pitch(torch.from_numpy(stems[:, s]), int(2.2 * SAMPLE_RATE / hz(lo)), (lo, hi),
+                                     PITCH_VOICING).numpy()[:, :T]  # (B, T), NaN where nothing periodic sounds
             for b in range(B):
                 window, skip, rise = STEM_ONSET_WINDOWS[name]
                 onsets = note_onsets(stems[b, s], window, skip, rise, self.floor)
-                if frame_midi is not None:
+                if STEM_PITCH_CHANGE_ONSETS[name]:
                     onsets = with_pitch_changes(onsets, frame_midi[b])
                 events[b, s] = onsets
-                for t in np.flatnonzero(onsets):
-                    nxt = np.flatnonzero(onsets[t + 1 :])
-                    length = int(nxt[0]) + 1 if len(nxt) else T - t
-                    pitch[b, s, t] = note_pitch(stems[b, s], t, length, PITCH_RANGE[name])
+                starts = np.flatnonzero(onsets)
+                for t, end in zip(starts, [*starts[1:], T]):
+                    pitch[b, s, t] = note_pitch(frame_midi[b, t : min(end, t + NOTE_PITCH_FRAMES)])
         return {"events": events, "pitch": pitch, "rms": frame_rms(stems)}
 
 
@@ -162,37 +160,11 @@ def with_pitch_changes(onsets: np.ndarray, frame_midi: np.ndarray, min_gap: int 
     return out
 
 
-def note_pitch(audio: np.ndarray, frame: int, frames: int, midi_range: tuple[int, int]) -> float:
-    """MIDI pitch (fractional) of the note starting at `frame` and lasting `frames`, by autocorrelation over its
-    first 8 frames at most (after the attack); NaN when too short or silent."""
-    lo_lag = int(SAMPLE_RATE / hz(midi_range[1]))
-    hi_lag = int(SAMPLE_RATE / hz(midi_range[0])) + 1
-    start = frame * HOP + HOP // 4
-    stop = min(frame * HOP + min(frames, 8) * HOP, len(audio))
-    x = np.asarray(audio[start:stop], dtype=np.float64)
-    if len(x) < 2 * lo_lag or not np.any(x):
-        return math.nan
-    x = x - x.mean()
-    n = len(x)
-    spec = np.fft.rfft(x, 2 * n)
-    ac = np.fft.irfft(spec * np.conj(spec))[:n]
-    ac = ac / (ac[0] + 1e-12) / (1.0 - np.arange(n) / n + 1e-3)  # unbiased: long lags sum fewer products
-    hi = min(hi_lag, n // 2)
-    if hi <= lo_lag + 1:
-        return math.nan
-    window = ac[lo_lag:hi]
-    best = float(window.max())
-    if not best > 0.1:  # no periodicity (noise, silence, a smeared onset)
-        return math.nan
-    # the period is the shortest lag that correlates almost as well as the best (multiples of it do too)
-    lag = lo_lag + int(np.flatnonzero(window >= 0.9 * best)[0])
-    while lag + 1 < hi and ac[lag + 1] > ac[lag]:  # climb to the local peak
-        lag += 1
-    if 0 < lag < n - 1:  # parabolic refinement
-        a, b, c = ac[lag - 1], ac[lag], ac[lag + 1]
-        den = a - 2 * b + c
-        lag = lag + (float(np.clip(0.5 * (a - c) / den, -0.5, 0.5)) if den < 0 else 0.0)
-    return 69.0 + 12.0 * math.log2(SAMPLE_RATE / lag / 440.0)
+def note_pitch(frame_midi: np.ndarray) -> float:
+    """MIDI pitch of a note from its frames' `frame_pitch` (the median: robust to the attack and to the next note
+    at the end of the last windows); NaN when none of them is voiced."""
+    voiced = frame_midi[~np.isnan(frame_midi)]
+    return float(np.median(voiced)) if len(voiced) else math.nan
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------------
