@@ -151,7 +151,6 @@ def action_violations(model: DynamicsModel, variant: str, S: int = 2, T: int = 6
     """Checks of the LAM convention (a[t] explains t → t+1) on `model`; returns what is wrong."""
     tokens, actions, sections = data(1, S, T, seed=3)
     base, _ = model(tokens, actions, sections)
-    hold = entry_grid(variant, S, T, lambda s, k, t: hold_position(variant, S, s, k, t))
     frame_of = entry_grid(variant, S, T, lambda s, k, t: t)
     newest = entry_grid(variant, S, T, lambda s, k, t: newest_frame(variant, S, hold_position(variant, S, s, k, t), T))
     first = newest == frame_of  # entries sampled when their frame first appears (the min-delay slots)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from melodjinn.cli.main import compose, main
 from melodjinn.envs import MusicWorldEnv

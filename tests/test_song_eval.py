@@ -1,7 +1,6 @@
 """Song-world evaluation (world_model/song_eval.py): the stem listeners hear what the world played, and the
 section and coupling statistics tell music that follows the form and locks its stems from music that does not."""
 
-import math
 
 import numpy as np
 import pytest

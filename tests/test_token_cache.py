@@ -9,7 +9,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from melodjinn.world_model import token_cache as tc
 from melodjinn.world_model.audio_io import MP3_SUPPORTED
 from melodjinn.world_model.errors import CheckpointError, ConfigError, DataError
 from melodjinn.world_model.token_cache import DataConfig, TokenCache, TokenizeConfig, read_item_meta, tokenize_folder

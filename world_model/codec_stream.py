@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from melodjinn.world_model.additive_codec import AdditiveCodec
-from melodjinn.world_model.codec import HOP, TinyCodec, _check_codes
+from melodjinn.world_model.codec import TinyCodec, _check_codes
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 
 
