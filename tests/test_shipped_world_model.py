@@ -94,6 +94,16 @@ def test_eval_world_command_scores_the_shipped_drum_model(capsys):
         run("eval-world", "checkpoint=drums", "eval.eval_seed=0")
 
 
+def test_plot_actions_writes_the_image_and_refuses_what_it_cannot_draw(tmp_path):
+    out = run("plot-actions", f"out={tmp_path / 'actions.png'}")
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="suffixes"):
+        run("plot-actions", f"out={tmp_path / 'actions.xyz'}")
+    with pytest.raises(ConfigError, match="prompt_frames=150"):
+        run("plot-actions", f"out={tmp_path / 'long.png'}", "prompt_frames=150")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["actions.png"]
+
+
 def test_demo_runs_on_the_shipped_default(tmp_path):
     result = run("demo", f"out={tmp_path}", "seconds=2")
     assert (tmp_path / "steered.wav").exists()

@@ -15,10 +15,13 @@ import torch
 from omegaconf import DictConfig
 
 from melodjinn.world_model.artifacts import atomic_path
+from melodjinn.world_model.errors import ConfigError
 from melodjinn.world_model.runtime import resolve_device
 from melodjinn.world_model.world_data import build_world_tensors
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import FRAME_RATE, HOP, SAMPLE_RATE, make_world
+
+IMAGE_FORMATS = ("png", "pdf", "svg")
 
 
 def plot_actions(cfg: DictConfig) -> str:
@@ -27,12 +30,21 @@ def plot_actions(cfg: DictConfig) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path = Path(cfg.out)
+    image_format = path.suffix.lstrip(".").lower() or "png"
+    if image_format not in IMAGE_FORMATS:
+        raise ConfigError(f"out={cfg.out}: plot-actions writes {', '.join('.' + f for f in IMAGE_FORMATS)} images; "
+                          "give the file one of those suffixes")
+    if int(cfg.clip) < 0:
+        raise ConfigError(f"clip={cfg.clip}: the held-out clip index must be 0 or more")
     device = resolve_device(cfg.device)
     model = WorldModel.load(cfg.checkpoint, device=device)
     world = make_world(model.world, seed=int(cfg.eval_seed))
     data = build_world_tensors(world, model.codec, int(cfg.clip) + 1, progress=False).batch(torch.tensor([int(cfg.clip)]))
     T = data.tokens.shape[-1]
     P = int(cfg.prompt_frames)
+    if not 1 <= P < T:
+        raise ConfigError(f"prompt_frames={P}: give 1 to {T - 1}, fewer than the clip's {T} frames")
     actions = model.infer_actions(data.mix.to(device))  # (1, J)
     frame_actions = model.frame_actions(actions, T)
     out = model.generate(data.tokens[..., :P].to(device), T - P, frame_actions, data.sections.to(device),
@@ -62,9 +74,8 @@ def plot_actions(cfg: DictConfig) -> str:
     axes[2].set_ylabel("regenerated\nfrom actions")
     axes[2].set_xlabel("seconds (grey: prompt)")
     fig.tight_layout()
-    path = Path(cfg.out)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
+        fig.savefig(tmp, format=image_format, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
     return str(path)
