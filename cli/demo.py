@@ -1,9 +1,9 @@
 """`melodjinn demo`: the main job on the built-in default — steer the shipped drum world model.
 
 Loads the shipped world model (`checkpoints/drums`, with its tiny codec), prompts it with a held-out drum clip,
-and generates a continuation twice: once with a scripted pattern of the latent actions the LAM discovered
-(each action named by the drum it stands for on held-out audio), once with the actions of the original clip.
-Writes WAVs and a plot to `out`, and prints one JSON line with what it did and how well the hits landed.
+and generates a continuation steered by a scripted pattern of the latent actions the LAM discovered (each action
+named by the drum it stands for on held-out audio). Writes the prompt and the steered continuation as WAVs to
+`out`, and prints one JSON line with what it did and how well the scripted hits landed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from melodjinn.world_model.audio_io import write_audio
+from melodjinn.world_model.errors import ConfigError
 from melodjinn.world_model.evaluation import action_meanings, lam_actions
 from melodjinn.world_model.events import DrumHitDetector, event_f1
 from melodjinn.world_model.runtime import resolve_device
@@ -26,9 +27,16 @@ from melodjinn.world_model.worlds import FRAME_RATE, HOP, SAMPLE_RATE, make_worl
 
 
 def demo(cfg: DictConfig) -> dict:
+    if not float(cfg.seconds) * FRAME_RATE >= 1:
+        raise ConfigError(f"seconds={cfg.seconds}: give a positive length to generate (e.g. seconds=6)")
+    if int(cfg.beat_frames) < 1:
+        raise ConfigError(f"beat_frames={cfg.beat_frames}: the frames between scripted hits must be 1 or more")
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     model = WorldModel.load(cfg.checkpoint, device=device)
+    if (model.world or {}).get("name") != "drums":
+        raise ConfigError(f"checkpoint={cfg.checkpoint} is not a drum world model; the demo scripts drum hits. For a song "
+                          "model use `melodjinn play env.checkpoint=... headless=true out=FILE.wav seconds=S` or `melodjinn eval-world`")
     world = make_world(model.world, seed=int(cfg.eval_seed))
     held = build_world_tensors(world, model.codec, 32, progress=False)
     actions = lam_actions(model, held, device)
@@ -39,6 +47,8 @@ def demo(cfg: DictConfig) -> dict:
     noop = by_event.get(0, model.null_action)
 
     P = int(cfg.prompt_frames)
+    if not 1 <= P <= held.tokens.shape[-1]:
+        raise ConfigError(f"prompt_frames={P}: the prompt comes from one held-out clip; give 1 to {held.tokens.shape[-1]}")
     total = int(float(cfg.seconds) * FRAME_RATE)
     prompt = held.tokens[:1, ..., :P].to(device)
     # a scripted beat: every drum the LAM found, one after another, every `beat_frames` frames

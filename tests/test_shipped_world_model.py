@@ -111,6 +111,11 @@ def test_demo_runs_on_the_shipped_default(tmp_path):
     # measured 0.94-1.0 over sampling seeds; an action-blind model plays no scripted hit (F1 ~0), and one that
     # attends past its 2 s training window or is conditioned on a section it never saw adds unbidden hits (0.5-0.7)
     assert result["scripted_hit_f1"] >= 0.85, result
+    for bad, why in (("seconds=-1", "positive length"), ("prompt_frames=0", "give 1 to 150"), ("beat_frames=0", "1 or more"),
+                     ("checkpoint=songs", "not a drum world model")):
+        with pytest.raises(ConfigError, match=why):
+            run("demo", f"out={tmp_path / 'bad'}", bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bench_generation_reports_every_figure_with_the_thread_count():
