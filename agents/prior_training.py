@@ -32,7 +32,7 @@ from melodjinn.agents.action_sequences import ActionSequences, cache_action_sequ
 from melodjinn.agents.prior import ActionPrior, PriorModelConfig
 from melodjinn.world_model.artifacts import read_json, save_tensors, load_tensors, write_json
 from melodjinn.world_model.errors import CheckpointError, ConfigError
-from melodjinn.world_model.runtime import resolve_device, seed_everything, to_dataclass
+from melodjinn.world_model.runtime import check_schedule, resolve_device, seed_everything, to_dataclass
 from melodjinn.world_model.optim import load_optimizer_state, lr_at, optimizer_state
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import make_world
@@ -62,6 +62,10 @@ class TrainPriorConfig:
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     eval_every: int = 250  # held-out perplexity period (steps)
     checkpoint_every: int = 500  # prior + training state period (steps)
+
+    def validate(self) -> TrainPriorConfig:
+        check_schedule(self, "train", ("eval_every", "checkpoint_every"))
+        return self
 
 
 def unigram_log_probs(train: ActionSequences) -> torch.Tensor:
@@ -126,7 +130,7 @@ def train_prior(cfg: DictConfig) -> dict:
     state_dir = out / TRAINING_DIR
     data_cfg = to_dataclass(PriorDataConfig, cfg.data, "data")
     model_cfg = to_dataclass(PriorModelConfig, cfg.prior, "prior")
-    t = to_dataclass(TrainPriorConfig, cfg.train, "train")
+    t = to_dataclass(TrainPriorConfig, cfg.train, "train").validate()
     device = resolve_device(cfg.device)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if (out / "config.json").exists() and not cfg.resume:

@@ -36,6 +36,13 @@ def test_every_command_has_a_composable_config_and_importable_function():
         (["render-world", "out=x", "clips=[1,"], "clips"),
         (["no-such-command"], "no-such-command"),
         (["bench", "no_such_target"], "no_such_target"),
+        # the training recipes' shared schedule checks, before any data is made
+        (["train-world", "out=x", "train.batch_size=0"], "train.batch_size=0"),
+        (["train-world", "out=x", "train.lr=0"], "train.lr=0.0"),
+        (["train-world", "out=x", "train.eval_every=0"], "train.eval_every=0"),
+        (["train-prior", "checkpoint=drums", "out=x", "train.steps=-1"], "train.steps=-1"),
+        (["train-codec", "out=x", "train.steps=100"], "warmup_steps < steps"),
+        (["demo", "seconds=0", "out=x"], "seconds=0"),
     ],
 )
 def test_bad_input_is_a_one_line_error_naming_it(args, expected, capsys, tmp_path, monkeypatch):
@@ -46,6 +53,7 @@ def test_bad_input_is_a_one_line_error_naming_it(args, expected, capsys, tmp_pat
     assert len(err_lines) == 1, captured.err
     assert expected in err_lines[0]
     assert "Traceback" not in captured.err
+    assert not (tmp_path / "x").exists()  # nothing written before the error
 
 
 def test_missing_required_value_is_named(capsys):

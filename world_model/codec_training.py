@@ -30,7 +30,7 @@ from melodjinn.world_model.artifacts import CONFIG_FILE, load_tensors, read_json
 from melodjinn.world_model.codec import HOP, SAMPLE_RATE, TrainedCodec, trained_codecs
 from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.optim import lr_at
-from melodjinn.world_model.runtime import resolve_device, to_dataclass
+from melodjinn.world_model.runtime import check_schedule, resolve_device, to_dataclass
 from melodjinn.world_model.worlds import make_world
 
 TRAIN_STATE = "train_state.safetensors"
@@ -82,17 +82,15 @@ class CodecRecipe:
         self.model = to_dataclass(kinds[self.codec].config_class, self.model, "train.model")
         if self.source not in ("mix", "stems"):
             raise ConfigError(f"train.source={self.source!r}: choose mix or stems")
-        if self.steps < 1 or not 0 <= self.warmup_steps < self.steps:
-            raise ConfigError(f"train.steps={self.steps}, train.warmup_steps={self.warmup_steps}: need 0 <= warmup_steps < steps")
-        if self.batch_size < 1 or self.crop_seconds * SAMPLE_RATE < HOP:
-            raise ConfigError("train.batch_size must be >= 1 and train.crop_seconds at least one frame (0.0134 s)")
+        check_schedule(self, "train", ("eval_every", "checkpoint_every", "log_every", "kmeans_batches"))
+        if self.warmup_steps >= self.steps:  # the quantizer switches on after the warm-up: it must come before the end
+            raise ConfigError(f"train.steps={self.steps}, train.warmup_steps={self.warmup_steps}: need warmup_steps < steps")
+        if self.crop_seconds * SAMPLE_RATE < HOP:
+            raise ConfigError(f"train.crop_seconds={self.crop_seconds}: must hold at least one frame (0.0134 s)")
         if not 0 <= self.quantizer_dropout <= 1:
             raise ConfigError(f"train.quantizer_dropout={self.quantizer_dropout}: must be a probability in [0, 1]")
         if self.loss.latent_steadiness < 0:
             raise ConfigError(f"train.loss.latent_steadiness={self.loss.latent_steadiness}: must be >= 0 (0 = off)")
-        for name in ("eval_every", "checkpoint_every", "log_every", "kmeans_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1")
         self.model.validate()
         return self
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import fields, is_dataclass
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -84,6 +84,20 @@ def apply_runtime(cfg: DictConfig) -> None:
         set_threads(int(cfg.threads))
     if "seed" in cfg:
         seed_everything(int(cfg.seed))
+
+
+def check_schedule(recipe: Any, where: str, at_least_one: Sequence[str] = ()) -> None:
+    """The checks every training recipe shares, before any data is made: steps >= 1, warmup_steps >= 0,
+    batch_size >= 1, lr > 0, and each field named in `at_least_one` (periods, counts) >= 1. A ConfigError names
+    `where.key`."""
+    if recipe.steps < 1 or recipe.warmup_steps < 0:
+        raise ConfigError(f"{where}.steps={recipe.steps}, {where}.warmup_steps={recipe.warmup_steps}: "
+                          "need steps >= 1 and warmup_steps >= 0")
+    if not recipe.lr > 0:
+        raise ConfigError(f"{where}.lr={recipe.lr}: the learning rate must be > 0")
+    for name in ("batch_size", *at_least_one):
+        if getattr(recipe, name) < 1:
+            raise ConfigError(f"{where}.{name}={getattr(recipe, name)}: must be >= 1")
 
 
 def to_dataclass(schema: type[T], node: Any, where: str) -> T:

@@ -47,7 +47,7 @@ from melodjinn.world_model.errors import CheckpointError, ConfigError
 from melodjinn.world_model.lam import LAMConfig, codebook_stats
 from melodjinn.world_model.metrics import normalized_mutual_info
 from melodjinn.world_model.optim import load_optimizer_state, lr_at, optimizer_state
-from melodjinn.world_model.runtime import autocast, autocast_dtype, maybe_compile, seed_everything, to_dataclass
+from melodjinn.world_model.runtime import autocast, autocast_dtype, check_schedule, maybe_compile, seed_everything, to_dataclass
 from melodjinn.world_model.world_data import WorldTensors, cached_world_tensors
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import make_world
@@ -87,13 +87,18 @@ class TrainWorldConfig:
     checkpoint_every: int = 500  # atomic checkpoint period (steps)
     new_streams_only: bool = False  # with init= and add_streams=: train only the added streams' embeddings and heads
 
+    def validate(self) -> TrainWorldConfig:
+        check_schedule(self, "train", ("grad_accum", "restart_every", "settle_every", "train_clips", "eval_clips",
+                                       "eval_every", "checkpoint_every"))
+        return self
+
 
 class Trainer:
     """Holds everything a training run needs; `run()` trains from `self.step` to `cfg.steps`."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.train_cfg = to_dataclass(TrainWorldConfig, cfg.train, "train")
+        self.train_cfg = to_dataclass(TrainWorldConfig, cfg.train, "train").validate()
         self.out = Path(cfg.out)
         self.dist = init_distributed(cfg.device)  # torchrun's process group (rank, device), or one process
         self.device = self.dist.device
@@ -132,7 +137,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.batches = torch.Generator().manual_seed(int(cfg.seed))
         self.sampler = GlobalBatchSampler(len(self.train_data), t.batch_size, self.batches, self.dist)
-        if t.grad_accum < 1 or (t.batch_size // self.dist.world_size) % t.grad_accum:
+        if (t.batch_size // self.dist.world_size) % t.grad_accum:
             raise ConfigError(f"train.grad_accum={t.grad_accum}: each process's {t.batch_size // self.dist.world_size} clips must split into that many equal micro-batches")
         self.amp_dtype = autocast_dtype(self.device, t.precision)
         self._wrapped: tuple[bool, nn.Module] | None = None  # (LAM frozen?, the loss module as trained)
