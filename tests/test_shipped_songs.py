@@ -53,10 +53,10 @@ def test_single_pass_keeps_the_bass_on_the_kicks_and_sections_set_the_density(sh
 
 def test_token_ce_by_frame_accounts_for_each_streams_ce_at_and_between_its_onsets(shipped):
     from melodjinn.world_model.evaluation import token_ce_by_frame
-    from melodjinn.world_model.training import heldout_token_ce
+    from melodjinn.world_model.training import heldout_token_ce, token_ce_map
 
     model, held = shipped
-    split = token_ce_by_frame(model, held, "cpu")
+    split = token_ce_by_frame(token_ce_map(model, held, None, "cpu"), held.events, model.stream_names)
     whole = heldout_token_ce(model, held, None, "cpu")
     assert list(split) == model.stream_names
     for name, kinds in split.items():

@@ -490,9 +490,12 @@ class DynamicsModel(nn.Module):
         """θ ← shrink·θ + perturb·θ_fresh for every parameter (in place; returns self), θ_fresh a fresh initialisation
         of this model (Ash & Adams 2020, "On warm-starting neural network training"). A model warm-started from one
         trained on the same clips ends behind a fresh one; the shrunk weights keep what it learnt, the fresh part
-        gives back an initialisation's spread. shrink=1, perturb=0 is a plain warm start."""
+        gives back an initialisation's spread. shrink=1, perturb=0 is a plain warm start: nothing changes and no
+        random numbers are drawn."""
         if not (0 < shrink <= 1 and perturb >= 0):
             raise ConfigError(f"shrink_and_perturb: shrink must be in (0, 1] and perturb >= 0, got {shrink}, {perturb}")
+        if shrink == 1 and perturb == 0:
+            return self
         fresh = DynamicsModel(self.cfg).state_dict()
         for name, p in self.named_parameters():
             p.mul_(shrink).add_(fresh[name].to(p.device, p.dtype), alpha=perturb)

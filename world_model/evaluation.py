@@ -34,7 +34,7 @@ from melodjinn.world_model.events import DrumHitDetector
 from melodjinn.world_model.metrics import contingency, normalized_mutual_info, psnr_db, purity
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
 from melodjinn.world_model.song_eval import SongEvalConfig, evaluate_songs
-from melodjinn.world_model.training import action_targets, heldout_token_ce, token_ce_map
+from melodjinn.world_model.training import action_targets, heldout_token_ce, summarise_token_ce, token_ce_map
 from melodjinn.world_model.world_data import WorldTensors, build_world_tensors
 from melodjinn.world_model.world_model import WorldModel
 from melodjinn.world_model.worlds import FRAME_RATE, HOP, make_world
@@ -170,15 +170,15 @@ def delta_psnr(model: WorldModel, data: WorldTensors, actions: np.ndarray, used:
     return {"psnr_lam_actions": scores["lam"], "psnr_random_actions": scores["random"], "delta_psnr": scores["lam"] - scores["random"]}
 
 
-def token_ce_by_frame(model: WorldModel, data: WorldTensors, device) -> dict[str, dict]:
-    """Where each stream's held-out token CE (null action) lies: {stream: {"onsets" | "between": {"frames": share of
-    the stream's frames, "ce_per_codebook": [K] mean nats, "ce_share": share of the stream's CE}}}. "onsets" are the
-    frames where one of the stream's events starts, "between" the rest. On the song world most of a tonal stem's
-    CE is between its onsets, in the residual codebooks: which code a held note's spectrum takes next."""
-    ce = token_ce_map(model, data, None, device)  # (N, S, K, T)
-    onsets = data.events > 0  # (N, S, T)
+def token_ce_by_frame(ce: torch.Tensor, events: torch.Tensor, names: list[str]) -> dict[str, dict]:
+    """Where each stream's held-out token CE lies, from a `token_ce_map` (N, S, K, T) and the clips' events (N, S, T):
+    {stream: {"onsets" | "between": {"frames": share of the stream's frames, "ce_per_codebook": [K] mean nats,
+    "ce_share": share of the stream's CE}}}. "onsets" are the frames where one of the stream's events starts,
+    "between" the rest. On the song world most of a tonal stem's CE is between its onsets, in the residual
+    codebooks: which code a held note's spectrum takes next."""
+    onsets = events > 0  # (N, S, T)
     out = {}
-    for s, name in enumerate(model.stream_names):
+    for s, name in enumerate(names):
         stream_ce = ce[:, s]  # (N, K, T)
         kinds = {}
         for kind, mask in (("onsets", onsets[:, s]), ("between", ~onsets[:, s])):
@@ -201,14 +201,15 @@ def evaluate(model: WorldModel, world_cfg, cfg: EvalWorldConfig, device="cpu") -
     actions = lam_actions(model, data, device)  # (N, J)
     labels = action_targets(data.events, model.stride, actions.shape[1])
     meanings = action_meanings(actions, labels, model.num_actions, cfg.min_action_share)
+    null_ce = token_ce_map(model, data, None, device)  # (N, S, K, T): the dynamics alone, two summaries of it below
     result = {
         "action_nmi": normalized_mutual_info(actions, labels),
         "action_purity": purity(actions, labels),
         "actions_used": len(meanings),
         "actions_per_second": FRAME_RATE / model.stride,
         **heldout_token_ce(model, data, torch.from_numpy(actions), device),
-        **heldout_token_ce(model, data, None, device),
-        "token_ce_by_frame": token_ce_by_frame(model, data, device),
+        **summarise_token_ce(null_ce, data.events, model.stream_names, "token_ce_null"),
+        "token_ce_by_frame": token_ce_by_frame(null_ce, data.events, model.stream_names),
         "action_table": contingency(actions, labels).tolist(),
     }
     if world_cfg["name"] == "drums":

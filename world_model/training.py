@@ -379,12 +379,15 @@ def heldout_token_ce(model: WorldModel, data: WorldTensors, actions: torch.Tenso
     `token_ce_null…`, which compare models whose LAMs differ (a LAM that heard a stream announces its notes; one
     that did not cannot). Not evenly: a dynamics whose LAM heard a stream leaves part of it to the actions and
     scores worse without them (README, "Adding a stream": 0.199 vs 0.188 with its actions)."""
-    ce = token_ce_map(model, data, actions, device, batch)  # (N, S, K, T)
-    onsets = data.events > 0  # (N, S, T)
+    key = "token_ce" if actions is not None else "token_ce_null"
+    return summarise_token_ce(token_ce_map(model, data, actions, device, batch), data.events, model.stream_names, key)
+
+
+def summarise_token_ce(ce: torch.Tensor, events: torch.Tensor, names: list[str], key: str) -> dict[str, float]:
+    """`heldout_token_ce`'s figures from a `token_ce_map` (N, S, K, T) and the clips' events (N, S, T), under `key`."""
+    onsets = events > 0
     per_stream = ce.mean((0, 2, 3))
     onset_sums, onset_frames = (ce.mean(2) * onsets).sum((0, 2)), onsets.sum((0, 2))
-    key = "token_ce" if actions is not None else "token_ce_null"
-    names = model.stream_names
     out = {key: float(per_stream.mean()), **{f"{key}_{n}": float(v) for n, v in zip(names, per_stream)}}
     out.update({f"{key}_{n}_onsets": float(v / c) for n, v, c in zip(names, onset_sums, onset_frames) if c > 0})
     return out
