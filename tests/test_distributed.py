@@ -11,15 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from melodjinn.cli.main import compose
 from melodjinn.world_model.artifacts import load_tensors
-from melodjinn.world_model.codec import TinyCodec, TinyCodecConfig
 from melodjinn.world_model.distributed import DistContext, GlobalBatchSampler, drifted, shard, tensor_digests
-from melodjinn.world_model.drum_world import DrumWorld
 from melodjinn.world_model.errors import ConfigError
 from melodjinn.world_model.training import train_world
 from melodjinn.world_model.world_model import WorldModel
@@ -31,21 +28,9 @@ MELODJINN = [str(Path(sys.executable).with_name("melodjinn"))]  # the installed 
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def codec_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("codec")
-    codec = TinyCodec(TinyCodecConfig(num_codebooks=2, codebook_size=16))
-    with torch.no_grad():
-        clips = torch.from_numpy(np.stack([DrumWorld().clip(i).mix for i in range(4)]))
-        codec.init_quantizer(codec.encoder(clips[:, None]))
-    codec.save(path)
-    return str(path)
-
-
-def _overrides(codec_dir, out, steps, **extra):
+def _overrides(untrained_codec, out, steps, **extra):
     settings = {
-        "codec.checkpoint": codec_dir, "train.steps": steps, "train.batch_size": 4, "train.train_clips": 8,
+        "codec.checkpoint": untrained_codec, "train.steps": steps, "train.batch_size": 4, "train.train_clips": 8,
         "train.eval_clips": 4, "train.eval_every": 2, "train.checkpoint_every": 3, "train.warmup_steps": 2,
         "train.restart_every": 1, "train.restart_until": 2, "train.freeze_lam_at": 4, "world.clip_seconds": 0.5,
         "model.lam.dim": 16, "model.lam.heads": 2, "model.dynamics.dim": 16, "model.dynamics.layers": 1,
@@ -79,13 +64,13 @@ def _max_difference(a: Path, b: Path) -> float:
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(codec_dir, tmp_path):
+def test_two_processes_match_one_process_with_the_same_global_batch(untrained_codec, tmp_path):
     """Through the LAM's dead-code restarts (steps 1-2), its freeze and code merging (step 4) and the dynamics
     alone after it. Ranks whose weights or buffers drift apart would fail the replica check at each checkpoint."""
-    two = _finish(_torchrun(_overrides(codec_dir, tmp_path / "two", 6)))
+    two = _finish(_torchrun(_overrides(untrained_codec, tmp_path / "two", 6)))
     summary = json.loads(two.strip().splitlines()[-1])
     assert summary["processes"] == 2 and summary["steps"] == 6
-    one = train_world(compose("train-world", _overrides(codec_dir, tmp_path / "one", 6)))
+    one = train_world(compose("train-world", _overrides(untrained_codec, tmp_path / "one", 6)))
     assert _max_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
     assert summary["merged_codes"] == [list(m) for m in one["merged_codes"]]
     history = json.loads((tmp_path / "two" / "train_progress.json").read_text())["history"]
@@ -138,19 +123,19 @@ def _kill_between_checkpoints(process, out: Path) -> int:
     raise AssertionError("no checkpoint within 180 s")
 
 
-def test_killed_two_process_run_resumes_on_two_or_one_processes(codec_dir, tmp_path):
+def test_killed_two_process_run_resumes_on_two_or_one_processes(untrained_codec, tmp_path):
     # a constant learning rate after warm-up, so runs of different lengths share their first steps
     fixed = {"train.min_lr_ratio": 1.0, "train.freeze_lam_at": 0}
     # the 2-process runs also accumulate 2 micro-batches of 1 clip per process (DDP syncs on the last one only)
-    killed = _torchrun(_overrides(codec_dir, tmp_path / "killed", 400, **fixed, **{"train.grad_accum": 2}))
+    killed = _torchrun(_overrides(untrained_codec, tmp_path / "killed", 400, **fixed, **{"train.grad_accum": 2}))
     step = _kill_between_checkpoints(killed, tmp_path / "killed")
     assert step < 400 and step % 3 == 0
     shutil.copytree(tmp_path / "killed", tmp_path / "resumed-on-one")
     end = step + 3
-    output = _finish(_torchrun(_overrides(codec_dir, tmp_path / "killed", end, **fixed, **{"train.grad_accum": 2}) + ["resume=true"]))
+    output = _finish(_torchrun(_overrides(untrained_codec, tmp_path / "killed", end, **fixed, **{"train.grad_accum": 2}) + ["resume=true"]))
     assert f"resuming {tmp_path / 'killed'} from step {step}" in output
-    train_world(compose("train-world", _overrides(codec_dir, tmp_path / "resumed-on-one", end, **fixed) + ["resume=true"]))
-    train_world(compose("train-world", _overrides(codec_dir, tmp_path / "straight", end, **fixed)))
+    train_world(compose("train-world", _overrides(untrained_codec, tmp_path / "resumed-on-one", end, **fixed) + ["resume=true"]))
+    train_world(compose("train-world", _overrides(untrained_codec, tmp_path / "straight", end, **fixed)))
     assert _max_difference(tmp_path / "straight", tmp_path / "killed") < TOLERANCE
     assert _max_difference(tmp_path / "straight", tmp_path / "resumed-on-one") < TOLERANCE
 

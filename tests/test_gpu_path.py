@@ -10,15 +10,13 @@ import torch.nn.functional as F
 
 from melodjinn.cli.main import compose, run
 from melodjinn.world_model.benchmarks import peak_bf16_flops, preset_configs
-from melodjinn.world_model.codec import TinyCodec, TinyCodecConfig
 from melodjinn.world_model.distributed import DistContext, GlobalBatchSampler
-from melodjinn.world_model.drum_world import DrumWorld
 from melodjinn.world_model.dynamics import DynamicsModel
 from melodjinn.world_model.errors import ConfigError
 from melodjinn.world_model.lam import LatentActionModel
 from melodjinn.world_model.runtime import autocast_dtype, maybe_compile, resolve_device
 from melodjinn.world_model.training import train_world
-from melodjinn.world_model.transformer import Transformer, TransformerConfig
+from melodjinn.world_model.transformer import RMSNorm, Transformer, TransformerConfig
 from melodjinn.world_model.world_model import WorldModel
 
 
@@ -57,20 +55,9 @@ def test_training_attention_goes_through_sdpa(monkeypatch):
     assert calls == [True, True]  # one fused causal attention per layer
 
 
-@pytest.fixture(scope="module")
-def codec_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("codec")
-    codec = TinyCodec(TinyCodecConfig(num_codebooks=2, codebook_size=16))
-    with torch.no_grad():
-        codec.init_quantizer(codec.encoder(torch.from_numpy(np.stack([DrumWorld().clip(i).mix for i in range(4)]))[:, None]))
-    codec.save(path)
-    return str(path)
-
-
-def _tiny(codec_dir, out, *extra):
+def _tiny(untrained_codec, out, *extra):
     return [
-        f"out={out}", f"codec.checkpoint={codec_dir}", "train.steps=4", "train.batch_size=4", "train.train_clips=8",
+        f"out={out}", f"codec.checkpoint={untrained_codec}", "train.steps=4", "train.batch_size=4", "train.train_clips=8",
         "train.eval_clips=4", "train.eval_every=2", "train.checkpoint_every=4", "train.warmup_steps=1",
         "train.restart_every=1", "train.restart_until=2", "train.freeze_lam_at=3", "world.clip_seconds=0.5",
         "model.lam.dim=16", "model.lam.heads=2", "model.dynamics.dim=16", "model.dynamics.layers=1", "model.dynamics.heads=2",
@@ -78,16 +65,16 @@ def _tiny(codec_dir, out, *extra):
     ]
 
 
-def test_gradient_accumulation_matches_the_whole_batch(codec_dir, tmp_path):
-    train_world(compose("train-world", _tiny(codec_dir, tmp_path / "whole")))
-    train_world(compose("train-world", _tiny(codec_dir, tmp_path / "accumulated", "train.grad_accum=2")))
+def test_gradient_accumulation_matches_the_whole_batch(untrained_codec, tmp_path):
+    train_world(compose("train-world", _tiny(untrained_codec, tmp_path / "whole")))
+    train_world(compose("train-world", _tiny(untrained_codec, tmp_path / "accumulated", "train.grad_accum=2")))
     a, b = WorldModel.load(tmp_path / "whole").state_dict(), WorldModel.load(tmp_path / "accumulated").state_dict()
     assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) < 1e-5
     with pytest.raises(ConfigError, match="grad_accum"):
-        train_world(compose("train-world", _tiny(codec_dir, tmp_path / "uneven", "train.grad_accum=3")))
+        train_world(compose("train-world", _tiny(untrained_codec, tmp_path / "uneven", "train.grad_accum=3")))
 
 
-def test_bf16_autocast_path_trains_on_cpu(codec_dir, tmp_path, monkeypatch):
+def test_bf16_autocast_path_trains_on_cpu(untrained_codec, tmp_path, monkeypatch):
     """precision=bf16 forces autocast on the CPU: the code path a GPU takes, with fp32 losses and VQ."""
     dtypes = []
     real = LatentActionModel.forward
@@ -97,9 +84,18 @@ def test_bf16_autocast_path_trains_on_cpu(codec_dir, tmp_path, monkeypatch):
         dtypes.append((self.encoder_in(waveform.new_zeros(1, self.patch)).dtype, out["recon_loss"].dtype))
         return out
 
+    norm_inputs = set()
+    real_norm = RMSNorm.forward
+
+    def norm_spy(self, x):
+        norm_inputs.add(x.dtype)
+        return real_norm(self, x)
+
     monkeypatch.setattr(LatentActionModel, "forward", spy)
-    summary = train_world(compose("train-world", _tiny(codec_dir, tmp_path, "train.precision=bf16")))
+    monkeypatch.setattr(RMSNorm, "forward", norm_spy)
+    summary = train_world(compose("train-world", _tiny(untrained_codec, tmp_path, "train.precision=bf16")))
     assert dtypes and all(d == (torch.bfloat16, torch.float32) for d in dtypes), dtypes
+    assert norm_inputs == {torch.float32}  # the residual streams stay fp32: only matmuls run in bf16
     assert np.isfinite(summary["token_ce"])
 
 

@@ -6,7 +6,6 @@ import torch
 from omegaconf import OmegaConf
 
 from melodjinn.cli.main import compose
-from melodjinn.world_model.codec import TinyCodec, TinyCodecConfig
 from melodjinn.world_model.drum_world import DrumWorld, DrumWorldConfig
 from melodjinn.world_model.dynamics import DynamicsConfig, DynamicsModel
 from melodjinn.world_model.errors import CheckpointError, ConfigError
@@ -62,20 +61,9 @@ def test_action_targets_follow_the_lam_convention():
     assert labels.tolist() == [[2, 0, 0]]  # patch 1 = frames 2-3; a[0] explains patch 0 → 1
 
 
-@pytest.fixture(scope="module")
-def untrained_codec(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("codec")
-    codec = TinyCodec(TinyCodecConfig(num_codebooks=2, codebook_size=16))
-    with torch.no_grad():
-        codec.init_quantizer(codec.encoder(torch.from_numpy(_mixes(DrumWorld(), 4)[0].numpy())[:, None]))
-    codec.save(path)
-    return str(path)
-
-
-def _tiny_overrides(codec_dir, out, steps):
+def _tiny_overrides(untrained_codec, out, steps):
     return [
-        f"out={out}", f"codec.checkpoint={codec_dir}", f"train.steps={steps}", "train.batch_size=4",
+        f"out={out}", f"codec.checkpoint={untrained_codec}", f"train.steps={steps}", "train.batch_size=4",
         "train.train_clips=8", "train.eval_clips=4", "train.eval_every=2", "train.checkpoint_every=3",
         "train.freeze_lam_at=0", "train.restart_every=1", "train.restart_until=2", "train.warmup_steps=2",
         "train.freeze_when_settled=true", "train.settle_every=1", "train.settle_threshold=1.0", "train.settle_patience=1",  # settles at step 3
@@ -127,8 +115,8 @@ def test_checkpoint_mismatch_is_named(untrained_codec, tmp_path):
         WorldModel.load(tmp_path)
 
 
-def _song_overrides(codec_dir, out, steps, stems):
-    return [o for o in _tiny_overrides(codec_dir, out, steps) if not o.startswith("world.")] + [
+def _song_overrides(untrained_codec, out, steps, stems):
+    return [o for o in _tiny_overrides(untrained_codec, out, steps) if not o.startswith("world.")] + [
         "world=songs", "world.clip_seconds=0.5", f"world.stems=[{','.join(stems)}]", "train.freeze_when_settled=false"]
 
 

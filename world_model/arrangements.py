@@ -61,9 +61,9 @@ import json
 import operator
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -80,8 +80,11 @@ __all__ = [
     "FlattenArrangement",
     "MultiStreamArrangement",
     "StepEntries",
+    "TableCache",
     "make_arrangement",
 ]
+
+_V = TypeVar("_V")
 
 DEFAULT_ARRANGEMENT = "multistream"
 
@@ -123,6 +126,29 @@ class StepEntries:
 
     def __len__(self) -> int:
         return int(self.slots.numel())
+
+
+class TableCache(Generic[_V]):
+    """The few index tables a model reuses, keyed by (length, device): built once, least recently used dropped.
+    Training and generation ask for the same handful of lengths, so a small cache saves rebuilding every step."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._entries: OrderedDict[Hashable, _V] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], _V]) -> _V:
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit
+        value = build()
+        self._entries[key] = value
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class _Tables(NamedTuple):
@@ -182,13 +208,11 @@ class Arrangement(ABC):
 
     name: ClassVar[str]
     _layout_rank: ClassVar[int]  # dims of the arranged tensor after the batch dim
-    _cache_size: ClassVar[int] = 8
-
     def __init__(self, num_streams: int, num_codebooks: int, *, codebook_size: int) -> None:
         self.num_streams = _positive_int(num_streams, "num_streams")  # S
         self.num_codebooks = _positive_int(num_codebooks, "num_codebooks")  # K
         self.codebook_size = _positive_int(codebook_size, "codebook_size")  # V
-        self._tables_cache: OrderedDict[tuple[int, str], _Tables] = OrderedDict()
+        self._tables_cache: TableCache[_Tables] = TableCache()
 
     # ---- shape facts -------------------------------------------------------------------------------------
 
@@ -471,11 +495,9 @@ class Arrangement(ABC):
         return tokens
 
     def _tables(self, num_frames: int, device: torch.device) -> _Tables:
-        key = (num_frames, str(device))
-        hit = self._tables_cache.get(key)
-        if hit is not None:
-            self._tables_cache.move_to_end(key)
-            return hit
+        return self._tables_cache.get((num_frames, str(device)), lambda: self._build_tables(num_frames, device))
+
+    def _build_tables(self, num_frames: int, device: torch.device) -> _Tables:
         T = num_frames
         index = self._index(T)  # [L, N]
         L, N = index.shape
@@ -492,7 +514,7 @@ class Arrangement(ABC):
         def layout(x: Tensor) -> Tensor:
             return self._to_layout(x.unsqueeze(0))[0].contiguous().to(device)
 
-        tab = _Tables(
+        return _Tables(
             gather=index.clamp(min=0).reshape(-1).to(device),
             valid=valid.reshape(-1).to(device),
             inverse=inverse.to(device),
@@ -501,10 +523,6 @@ class Arrangement(ABC):
             codebook_ids=layout(codebooks),
             frame_ids=layout(frames),
         )
-        self._tables_cache[key] = tab
-        if len(self._tables_cache) > self._cache_size:
-            self._tables_cache.popitem(last=False)
-        return tab
 
 
 class FlattenArrangement(Arrangement):

@@ -39,7 +39,6 @@ from __future__ import annotations
 import bisect
 import copy
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Union
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from melodjinn.world_model.arrangements import make_arrangement
+from melodjinn.world_model.arrangements import TableCache, make_arrangement
 from melodjinn.world_model.errors import CheckpointError, ConfigError, MelodjinnError
 from melodjinn.world_model.runtime import as_plain_dict, to_dataclass
 from melodjinn.world_model.transformer import Rotary, Transformer, TransformerConfig
@@ -196,7 +195,7 @@ class DynamicsModel(nn.Module):
             dim=C, layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
             rope_base=cfg.rope_base, max_positions=self.arrangement.num_positions(cfg.max_frames),
         ))
-        self._tables_cache: OrderedDict[tuple[int, str], _Tables] = OrderedDict()
+        self._tables_cache: TableCache[_Tables] = TableCache()
 
     # ---- facts ------------------------------------------------------------------------------------------------
 
@@ -233,17 +232,11 @@ class DynamicsModel(nn.Module):
         return torch.cat([s.head.reshape(-1, self.cfg.dim) for s in self.streams.values()])
 
     def _tables(self, num_frames: int, device: torch.device) -> _Tables:
-        key = (num_frames, str(device))
-        hit = self._tables_cache.get(key)
-        if hit is not None:
-            self._tables_cache.move_to_end(key)
-            return hit
-        with torch.inference_mode(False), torch.no_grad():  # plain tensors: a session may build them, training reuse them
-            tab = self._build_tables(num_frames, device)
-        self._tables_cache[key] = tab
-        if len(self._tables_cache) > 8:
-            self._tables_cache.popitem(last=False)
-        return tab
+        def build() -> _Tables:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors: a session builds them, training reuses them
+                return self._build_tables(num_frames, device)
+
+        return self._tables_cache.get((num_frames, str(device)), build)
 
     def _build_tables(self, num_frames: int, device: torch.device) -> _Tables:
         arr, T = self.arrangement, num_frames

@@ -179,6 +179,9 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         # x: (B, T, C) → (B, T, C). With a cache, x holds only the new positions and the cache advances.
+        # The residual stream keeps the weights' dtype: under autocast an input made by a Linear (the LAM's patch
+        # projection) arrives in bf16, and a bf16 residual stream rounds away the small updates it accumulates.
+        x = x.to(self.norm.weight.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
