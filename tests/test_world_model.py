@@ -124,7 +124,7 @@ def test_add_stream_grows_a_trained_model_and_fine_tunes_only_the_new_stream(unt
     base_dir, grown_dir = tmp_path / "drums", tmp_path / "grown"
     train_world(compose("train-world", _song_overrides(untrained_codec, base_dir, 3, ["drums"])))
     summary = train_world(compose("train-world", _song_overrides(untrained_codec, grown_dir, 3, ["drums", "lead"]) + [
-        f"init={base_dir}", "add_streams=[lead]", "train.new_streams_only=true"]))
+        f"init={base_dir}", "add_streams=[lead]", "train=grow", "train.new_streams_only=true"]))
     base, grown = WorldModel.load(base_dir), WorldModel.load(grown_dir)
     assert grown.stream_names == ["drums", "lead"] and "token_ce_lead" in summary and "token_ce_drums" in summary
     assert "token_ce_null_lead" in summary
