@@ -14,7 +14,9 @@ Growing a model: `init=DIR add_streams=[lead]` starts from the trained model in 
 codec, its dynamics with the new streams' embeddings and heads added) instead of a fresh one, and trains on a
 world whose stems are DIR's streams followed by the new ones; `model.*` and `codec` are then taken from DIR.
 `init_shrink=0.5 init_perturb=0.5` starts the dynamics as half the trained weights plus half a fresh initialisation's
-(shrink and perturb): a plain warm start from a model fitted to the same clips ends behind a fresh model (README).
+(shrink and perturb): a plain warm start from a model fitted to the same clips ends behind a fresh model. `train=grow`
+is the fine-tuning recipe (half the steps at a higher lr): with shrink and perturb it reaches a from-scratch model's
+CE on the new stream in half the steps (README, "Adding a stream").
 
 Scale-out (world_model/distributed.py): the same command runs under `torchrun --nproc_per_node=N`; the global
 batch is drawn once and sharded over the processes (DDP averages gradients), rank 0 logs and checkpoints, and a
