@@ -15,8 +15,7 @@ codec, its dynamics with the new streams' embeddings and heads added) instead of
 world whose stems are DIR's streams followed by the new ones; `model.*` and `codec` are then taken from DIR.
 `init_shrink=0.5 init_perturb=0.5` starts the dynamics as half the trained weights plus half a fresh initialisation's
 (shrink and perturb): a plain warm start from a model fitted to the same clips ends behind a fresh model. `train=grow`
-is the fine-tuning recipe (half the steps at a higher lr): with shrink and perturb it reaches a from-scratch model's
-CE on the new stream in half the steps (README, "Adding a stream").
+is the fine-tuning recipe (half the steps at a higher lr; README, "Adding a stream").
 
 Scale-out (world_model/distributed.py): the same command runs under `torchrun --nproc_per_node=N`; the global
 batch is drawn once and sharded over the processes (DDP averages gradients), rank 0 logs and checkpoints, and a
