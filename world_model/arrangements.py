@@ -208,6 +208,7 @@ class Arrangement(ABC):
 
     name: ClassVar[str]
     _layout_rank: ClassVar[int]  # dims of the arranged tensor after the batch dim
+
     def __init__(self, num_streams: int, num_codebooks: int, *, codebook_size: int) -> None:
         self.num_streams = _positive_int(num_streams, "num_streams")  # S
         self.num_codebooks = _positive_int(num_codebooks, "num_codebooks")  # K
