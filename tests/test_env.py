@@ -12,7 +12,6 @@ from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from stable_baselines3.common.logger import Logger
 
-import melodjinn.envs  # noqa: F401  (registers the ids)
 from melodjinn.envs import (ActionPriorBonus, EnvError, MusicVectorEnv, MusicWorldEnv, PreferenceReward, SB3VecEnv,
                             make_reward)
 from melodjinn.envs.core import load_world_model
