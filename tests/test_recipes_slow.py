@@ -38,7 +38,6 @@ def test_shipped_song_model_meets_acceptance():
     stem and energy r >= 0.8 on drums and lead. The bass's energy r measured 0.80, on the edge, so it is held to
     0.75 here (README, "Song world")."""
     from melodjinn.world_model.song_eval import SongEvalConfig, evaluate_songs
-    from melodjinn.world_model.world_model import WorldModel
 
     model = WorldModel.load("songs")
     result = evaluate_songs(model, model.world, SongEvalConfig(), 1000)
@@ -48,3 +47,19 @@ def test_shipped_song_model_meets_acceptance():
     assert min(r["onsets_per_second"][f"r_{s}"] for s in ("drums", "bass", "lead")) >= 0.8, r
     assert r["rms"]["r_drums"] >= 0.8 and r["rms"]["r_lead"] >= 0.8 and r["rms"]["r_bass"] >= 0.75, r
 
+
+
+def test_a_grown_lead_starts_ahead_of_scratch_at_a_short_budget(tmp_path):
+    """README "Adding a stream", shorter budgets: a drum-only song model trained by the default recipe, grown by the
+    lead and fine-tuned by `train=grow` for 500 steps, ends at lead CE 0.214 (seed 1: 0.211); `[drums, lead]` from
+    scratch by the same 500 steps at 0.227 (0.224), and an untrained backbone grown the same way at 0.230. So the
+    margin asked here fails if growing loses what the drum backbone learned. (At 1 000 steps the two are level, which
+    is why the issue's "half the steps" is not met.)"""
+    common = ["world=songs", "codec.name=additive", "codec.checkpoint=checkpoints/songs/codec", "train.merge_tolerance=0"]
+    short = ["world.stems=[drums,lead]", "train=grow", "train.steps=500"]
+    train_world(compose("train-world", common + ["world.stems=[drums]", f"out={tmp_path / 'drums'}"]))
+    grown = train_world(compose("train-world", common + short + [
+        f"init={tmp_path / 'drums'}", "add_streams=[lead]", "add_streams_like=drums", "init_shrink=0.5",
+        "init_perturb=0.5", f"out={tmp_path / 'grown'}"]))
+    scratch = train_world(compose("train-world", common + short + [f"out={tmp_path / 'scratch'}"]))
+    assert grown["token_ce_null_lead"] <= scratch["token_ce_null_lead"] - 0.007, (grown, scratch)
