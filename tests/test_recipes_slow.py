@@ -48,7 +48,6 @@ def test_shipped_song_model_meets_acceptance():
     assert r["rms"]["r_drums"] >= 0.8 and r["rms"]["r_lead"] >= 0.8 and r["rms"]["r_bass"] >= 0.75, r
 
 
-
 def test_a_grown_lead_starts_ahead_of_scratch_at_a_short_budget(tmp_path):
     """README "Adding a stream", shorter budgets: a drum-only song model trained by the default recipe, grown by the
     lead and fine-tuned by `train=grow` for 500 steps, ends at lead CE 0.214 (seed 1: 0.211); `[drums, lead]` from
