@@ -164,6 +164,14 @@ def test_add_stream_grows_a_trained_model_and_fine_tunes_only_the_new_stream(unt
     torch.testing.assert_close(shrunk.dynamics.streams["lead"].head, shrunk.dynamics.streams["drums"].head)
     with pytest.raises(ConfigError, match="init_shrink and init_perturb need init"):
         train_world(compose("train-world", _song_overrides(untrained_codec, tmp_path / "bad3", 3, ["drums"]) + ["init_shrink=0.5"]))
+    # a frozen backbone must be the trained one, and only streams being added can be trained alone
+    with pytest.raises(ConfigError, match="damaged for good"):
+        train_world(compose("train-world", _song_overrides(untrained_codec, tmp_path / "bad4", 3, ["drums", "lead"]) + [
+            f"init={base_dir}", "add_streams=[lead]", "train.new_streams_only=true", "init_shrink=0.5"]))
+    with pytest.raises(ConfigError, match="add_streams"):
+        train_world(compose("train-world", _song_overrides(untrained_codec, tmp_path / "bad5", 3, ["drums"]) + [
+            f"init={base_dir}", "train.new_streams_only=true"]))
+    assert not (tmp_path / "bad4").exists() and not (tmp_path / "bad5").exists()
     with pytest.raises(ConfigError, match=r"shrink must be in \(0, 1\]"):
         base.dynamics.shrink_and_perturb(0.0, 0.5)
 

@@ -107,6 +107,13 @@ class Trainer:
         world_cfg = OmegaConf.to_container(cfg.world, resolve=True)
         self.world = make_world(cfg.world, seed=int(cfg.seed))
         self.init = cfg.get("init")
+        if self.train_cfg.new_streams_only:
+            if not cfg.get("add_streams"):
+                raise ConfigError("train.new_streams_only=true trains only the streams being added: give init=DIR "
+                                  "add_streams=[...], or drop it to train the whole model")
+            if cfg.get("init_shrink", 1.0) != 1.0 or cfg.get("init_perturb", 0.0) != 0.0:
+                raise ConfigError("train.new_streams_only=true keeps the backbone frozen, so init_shrink/init_perturb "
+                                  "would leave it damaged for good: drop them, or train the whole model")
         if self.init:
             self.model = _grown_model(self.init, list(cfg.get("add_streams") or []), cfg.get("add_streams_like"),
                                       float(cfg.get("init_shrink", 1.0)), float(cfg.get("init_perturb", 0.0)),
