@@ -101,12 +101,6 @@ class Trainer:
         self.cfg = cfg
         self.train_cfg = to_dataclass(TrainWorldConfig, cfg.train, "train").validate()
         self.out = Path(cfg.out)
-        self.dist = init_distributed(cfg.device)  # torchrun's process group (rank, device), or one process
-        self.device = self.dist.device
-        seed_everything(int(cfg.seed))  # model init and the first steps' randomness are the seed's, not the caller's
-        world_cfg = OmegaConf.to_container(cfg.world, resolve=True)
-        self.world = make_world(cfg.world, seed=int(cfg.seed))
-        self.init = cfg.get("init")
         if self.train_cfg.new_streams_only:
             if not cfg.get("add_streams"):
                 raise ConfigError("train.new_streams_only=true trains only the streams being added: give init=DIR "
@@ -114,6 +108,12 @@ class Trainer:
             if cfg.get("init_shrink", 1.0) != 1.0 or cfg.get("init_perturb", 0.0) != 0.0:
                 raise ConfigError("train.new_streams_only=true keeps the backbone frozen, so init_shrink/init_perturb "
                                   "would leave it damaged for good: drop them, or train the whole model")
+        self.dist = init_distributed(cfg.device)  # torchrun's process group (rank, device), or one process
+        self.device = self.dist.device
+        seed_everything(int(cfg.seed))  # model init and the first steps' randomness are the seed's, not the caller's
+        world_cfg = OmegaConf.to_container(cfg.world, resolve=True)
+        self.world = make_world(cfg.world, seed=int(cfg.seed))
+        self.init = cfg.get("init")
         if self.init:
             self.model = _grown_model(self.init, list(cfg.get("add_streams") or []), cfg.get("add_streams_like"),
                                       float(cfg.get("init_shrink", 1.0)), float(cfg.get("init_perturb", 0.0)),
@@ -157,6 +157,13 @@ class Trainer:
         self.frozen_at: int | None = 0 if self.init else None  # step at which the LAM froze early (a grown model's from the start)
         self.last_probe: torch.Tensor | None = None
         self.settled_checks = 0
+
+    def close(self) -> None:
+        """Leave the process group. The DDP wrapper goes first: it holds the group, which must stop its gloo
+        threads inside `destroy_process_group`, not later as the interpreter exits (where a rank aborted once in CI,
+        "terminate called without an active exception")."""
+        self._wrapped = None
+        self.dist.close()
 
     # ---- state ----------------------------------------------------------------------------------------------
 
@@ -444,9 +451,11 @@ def train_world(cfg: DictConfig) -> dict:
     out = Path(cfg.out)
     trainer = Trainer(cfg)
     try:
-        return _train(trainer, out, bool(cfg.resume))
+        summary = _train(trainer, out, bool(cfg.resume))
+        barrier(trainer.dist)  # no rank tears the process group down while another still uses it
+        return summary
     finally:
-        trainer.dist.close()
+        trainer.close()
 
 
 def _train(trainer: Trainer, out: Path, resume: bool) -> dict:
