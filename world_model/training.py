@@ -101,13 +101,7 @@ class Trainer:
         self.cfg = cfg
         self.train_cfg = to_dataclass(TrainWorldConfig, cfg.train, "train").validate()
         self.out = Path(cfg.out)
-        if self.train_cfg.new_streams_only:
-            if not cfg.get("add_streams"):
-                raise ConfigError("train.new_streams_only=true trains only the streams being added: give init=DIR "
-                                  "add_streams=[...], or drop it to train the whole model")
-            if cfg.get("init_shrink", 1.0) != 1.0 or cfg.get("init_perturb", 0.0) != 0.0:
-                raise ConfigError("train.new_streams_only=true keeps the backbone frozen, so init_shrink/init_perturb "
-                                  "would leave it damaged for good: drop them, or train the whole model")
+        _check_grow_options(cfg, self.train_cfg.new_streams_only)  # before joining a process group
         self.dist = init_distributed(cfg.device)  # torchrun's process group (rank, device), or one process
         self.device = self.dist.device
         seed_everything(int(cfg.seed))  # model init and the first steps' randomness are the seed's, not the caller's
@@ -122,10 +116,6 @@ class Trainer:
             if self.train_cfg.new_streams_only:
                 self.model.dynamics.freeze_backbone(list(cfg.add_streams))
         else:
-            if cfg.get("add_streams") or cfg.get("add_streams_like"):
-                raise ConfigError("add_streams (and add_streams_like) need init=DIR: the trained model to grow")
-            if cfg.get("init_shrink", 1.0) != 1.0 or cfg.get("init_perturb", 0.0) != 0.0:
-                raise ConfigError("init_shrink and init_perturb need init=DIR: the trained model to start from")
             codec = load_codec(cfg.codec, device=self.device)
             lam_cfg = to_dataclass(LAMConfig, cfg.model.lam, "model.lam")
             dyn = OmegaConf.to_container(cfg.model.dynamics, resolve=True)
@@ -408,6 +398,24 @@ def summarise_token_ce(ce: torch.Tensor, events: torch.Tensor, names: list[str],
     return out
 
 
+def _check_grow_options(cfg: DictConfig, new_streams_only: bool) -> None:
+    """The growing options (init=, add_streams=, init_shrink/init_perturb, train.new_streams_only) that only make
+    sense together."""
+    reinitialised = cfg.get("init_shrink", 1.0) != 1.0 or cfg.get("init_perturb", 0.0) != 0.0
+    if new_streams_only:
+        if not cfg.get("add_streams"):
+            raise ConfigError("train.new_streams_only=true trains only the streams being added: give init=DIR "
+                              "add_streams=[...], or drop it to train the whole model")
+        if reinitialised:
+            raise ConfigError("train.new_streams_only=true keeps the backbone frozen, so init_shrink/init_perturb "
+                              "would leave it damaged for good: drop them, or train the whole model")
+    if not cfg.get("init"):
+        if cfg.get("add_streams") or cfg.get("add_streams_like"):
+            raise ConfigError("add_streams (and add_streams_like) need init=DIR: the trained model to grow")
+        if reinitialised:
+            raise ConfigError("init_shrink and init_perturb need init=DIR: the trained model to start from")
+
+
 def _grown_model(init: str, add_streams: list[str], like: str | None, shrink: float, perturb: float, world,
                  world_cfg: dict, device) -> WorldModel:
     """The trained world model in `init`, its dynamics shrunk and perturbed (`DynamicsModel.shrink_and_perturb`),
@@ -452,7 +460,7 @@ def train_world(cfg: DictConfig) -> dict:
     trainer = Trainer(cfg)
     try:
         summary = _train(trainer, out, bool(cfg.resume))
-        barrier(trainer.dist)  # no rank tears the process group down while another still uses it
+        barrier(trainer.dist)  # every rank reaches teardown together (rank 0 writes its summary after the last save)
         return summary
     finally:
         trainer.close()
