@@ -69,17 +69,24 @@ class PriorScorer:
         """Batched observation → frame-level history actions, sections (B, H·F) and the next section (B,)."""
         past = torch.as_tensor(np.asarray(observation["actions"])).long()  # (B, action_history), A = none
         section = torch.as_tensor(np.asarray(observation["section"])).long().reshape(-1)  # (B,)
-        B, F = past.shape[0], self.frames_per_step
         played = past[:, (past < self.prior.num_actions).all(0)]  # rows step in lockstep: "none" is column-wide
-        if self.action_hold == "first":
-            frames = torch.cat([played[..., None], torch.full((*played.shape, F - 1), int(self.rest_action or 0))], -1)
-        else:
-            frames = played[..., None].expand(*played.shape, F)
-        actions = frames.reshape(B, -1)
+        actions = frame_actions(played, self.frames_per_step, self.action_hold, self.rest_action)
         return actions, section[:, None].expand_as(actions), section
 
     def log_probs(self, observation: dict) -> np.ndarray:
         return self.prior.next_log_probs(*self.history(observation)).numpy()
+
+
+def frame_actions(step_actions: torch.Tensor, frames_per_step: int, action_hold: str, rest_action: int | None) -> torch.Tensor:
+    """(B, H) env step actions → (B, H·F) the frame-level actions an env step plays and the prior reads:
+    with action_hold="first" each step's action then F - 1 rest codes, with "all" the action F times."""
+    B, F = step_actions.shape[0], int(frames_per_step)
+    if action_hold == "first":
+        rest = torch.full((*step_actions.shape, F - 1), int(rest_action or 0), dtype=step_actions.dtype)
+        frames = torch.cat([step_actions[..., None], rest], -1)
+    else:
+        frames = step_actions[..., None].expand(*step_actions.shape, F)
+    return frames.reshape(B, -1)
 
 
 class PriorPolicy(BasePolicy):

@@ -6,6 +6,7 @@ leaves either the old file or the new one, never a torn one. Nothing here unpick
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -117,6 +118,22 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-create the checkpoint") from None
+
+
+def weights_hash(directory: str | os.PathLike, skip: tuple[str, ...] = ("prior",)) -> str:
+    """SHA-256 over an artefact's safetensors files (names and bytes), skipping the sub-directories in `skip`
+    (a world model's `prior/` is its own artefact): what generated a clip, recorded beside a listener's answer."""
+    directory = resolve_checkpoint(directory)
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*.safetensors")):
+        relative = path.relative_to(directory)
+        if relative.parts[0] in skip:
+            continue
+        digest.update(str(relative).encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def save_artifact(directory: str | os.PathLike, kind: str, config: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]], extra: dict[str, Any] | None = None) -> Path:

@@ -137,6 +137,15 @@ class DrumHitDetector:
         labels = np.stack([self._pick(a.numpy()) for a in act])
         return labels if batched else labels[0]
 
+    @torch.no_grad()
+    def hit_strengths(self, audio: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) → labels (T,) as `detect` gives them, and each detected hit's strength (T,): its activation (≈ the
+        gain it was played at; 0 where no hit starts)."""
+        act = self.activations(audio)[0].numpy()  # (D, T)
+        labels = self._pick(act)
+        strength = np.where(labels > 0, act[np.maximum(labels - 1, 0), np.arange(len(labels))], 0.0)
+        return labels, strength
+
     def _pick(self, act: np.ndarray) -> np.ndarray:
         """(D, T) activations → (T,) labels: strongest hits first, none closer than min_gap_frames to a kept one."""
         c = self.config

@@ -1,0 +1,129 @@
+"""Listening sessions: from one context, two continuations (A/B); a listener answers; the answer is stored at once.
+
+    sampler = ContinuationSampler("drums", steps=32)
+    with PreferenceStore("ratings/") as store:
+        listening_session(sampler, base_policy, base_policy, listener, store, comparisons=20, seed=0)
+
+`ContinuationSampler` is a two-row `MusicVectorEnv` whose rows get the same seed, so both continuations start from
+the same prompt (and share the sampling draws until their actions differ); row 0 is driven by the policy for A,
+row 1 by the one for B. Each clip carries what the models need later: the codec tokens (reward model) and the
+frame-level actions with their sections (the action prior's DPO), beside the audio the listener heard.
+
+Which policy plays on which side is drawn per comparison, so a listener who always answers "A" favours neither;
+the store records the policy behind each side.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from melodjinn.agents.policies import frame_actions
+from melodjinn.feedback.listeners import Listener, ask
+from melodjinn.feedback.store import Clip, Comparison, PreferenceStore
+from melodjinn.world_model.artifacts import weights_hash
+from melodjinn.world_model.errors import ConfigError
+
+
+class ContinuationSampler:
+    """Pairs of continuations of one context from a world model (see the module docstring)."""
+
+    def __init__(self, checkpoint: str, steps: int = 32, **env_options: Any):
+        from melodjinn.envs import MusicVectorEnv
+
+        self.checkpoint = str(checkpoint)
+        self.env = MusicVectorEnv(num_envs=2, checkpoint=self.checkpoint, max_steps=int(steps),
+                                  **{**env_options, "decode_audio": True})
+        self.core = self.env.core
+        self.steps = int(steps)
+        self.checkpoint_hash = weights_hash(self.checkpoint)
+
+    @property
+    def num_actions(self) -> int:
+        return self.core.A
+
+    def pair(self, context_seed: int, policy_a, policy_b, labels: tuple[str, str] = ("a", "b"),
+             section: Optional[str] = None) -> tuple[np.ndarray, Clip, Clip]:
+        """One context (the prompt drawn by `context_seed`), continued `steps` steps by each policy →
+        (the prompt's audio (N,), clip A, clip B)."""
+        options = {"section": section} if section is not None else None
+        obs, _ = self.env.reset(seed=[int(context_seed)] * 2, options=options)
+        prompt_audio = self._prompt_audio()
+        for policy, seed in ((policy_a, context_seed), (policy_b, context_seed + 1)):
+            if hasattr(policy, "reset"):
+                try:
+                    policy.reset(seed)
+                except TypeError:  # a plain Policy protocol object: reset() takes no seed
+                    policy.reset()
+        step_actions, step_sections, audio = [], [], []
+        for _ in range(self.steps):
+            act_a = np.asarray(policy_a.act(obs)).reshape(-1)
+            act_b = act_a if policy_b is policy_a else np.asarray(policy_b.act(obs)).reshape(-1)
+            actions = np.array([act_a[0], act_b[-1]], dtype=np.int64)
+            step_actions.append(actions)
+            step_sections.append(np.asarray(obs["section"]).reshape(-1).copy())
+            obs, _, _, _, info = self.env.step(actions)
+            audio.append(info["audio"])  # (2, F·HOP): the streaming decoder carries the codec's state
+        steps = torch.as_tensor(np.stack(step_actions, 1))  # (2, steps)
+        cfg = self.env.config
+        frames = frame_actions(steps, cfg.frames_per_step, cfg.action_hold, int(self.core.rest[0]))  # (2, J)
+        sections = torch.as_tensor(np.stack(step_sections, 1)).repeat_interleave(cfg.frames_per_step, 1)  # (2, J)
+        tokens = self.core.episode_tokens().cpu()  # (2, S, K, T)
+        audio = np.concatenate(audio, 1)  # (2, steps·F·HOP)
+        clips = [Clip(audio[i], tokens[i], frames[i], sections[i], steps[i].tolist(), labels[i]) for i in range(2)]
+        return prompt_audio, clips[0], clips[1]
+
+    def _prompt_audio(self) -> np.ndarray:
+        """(N,) the context both continuations follow: the prompt frames before the episode, decoded."""
+        s, core = self.core.session, self.core
+        episode = core.episode_start - s.offset  # session index of the first generated frame
+        return core.model.decode(s.tokens[:1, ..., :episode], start_frame=s.offset).sum(1)[0].float().cpu().numpy()
+
+
+@dataclass
+class SessionSummary:
+    session: str
+    listener: str
+    answered: int  # rows written (every answer, skips included)
+    counts: dict[str, int]  # answers by choice
+    wins: dict[str, int]  # decided answers won by each policy label
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"session": self.session, "listener": self.listener, "answered": self.answered, "counts": self.counts,
+                "wins": self.wins}
+
+
+def listening_session(sampler: ContinuationSampler, policy_a, policy_b, listener: Listener, store: PreferenceStore,
+                      comparisons: int, seed: int = 0, labels: tuple[str, str] = ("a", "b"),
+                      listener_name: Optional[str] = None, section: Optional[str] = None,
+                      session: Optional[str] = None) -> SessionSummary:
+    """Ask `listener` about `comparisons` fresh contexts, each answer written to `store` before the next pair is
+    generated. Contexts and sides are drawn from `seed`: the same seed gives the same contexts."""
+    if comparisons < 1:
+        raise ConfigError(f"comparisons must be >= 1, got {comparisons}")
+    if labels[0] == labels[1] and policy_a is not policy_b:
+        raise ConfigError(f"two different policies need different labels, got {labels}")
+    name = listener_name or getattr(listener, "name", None) or "listener"
+    session = session or uuid.uuid4().hex[:12]
+    rng = np.random.default_rng(seed)
+    counts = {"A": 0, "B": 0, "tie": 0, "skip": 0}
+    wins = {label: 0 for label in labels}
+    for index in range(int(comparisons)):
+        context_seed = int(rng.integers(2**31 - 1))
+        swap = bool(rng.integers(2))
+        first, second = (policy_b, policy_a) if swap else (policy_a, policy_b)
+        shown = (labels[1], labels[0]) if swap else labels
+        prompt_audio, clip_a, clip_b = sampler.pair(context_seed, first, second, shown, section)
+        context = {"checkpoint": sampler.checkpoint, "context_seed": context_seed, "steps": sampler.steps,
+                   "section": section}
+        comparison = Comparison(session, index, context, clip_a, clip_b, prompt_audio)
+        answer = ask(listener, comparison)
+        store.record(comparison, answer.choice, name, sampler.checkpoint_hash, answer.latency_s, answer.replays)
+        counts[answer.choice] += 1
+        if answer.choice in ("A", "B"):
+            wins[shown[0] if answer.choice == "A" else shown[1]] += 1
+    return SessionSummary(session, name, int(comparisons), counts, wins)
