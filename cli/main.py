@@ -43,6 +43,7 @@ COMMANDS: dict[str, Command] = {
     "train-agent": Command("melodjinn.agents.ppo:train_agent", "Train a PPO agent (stable-baselines3) on the batched music env: task reward + prior_beta * log prior (out=DIR, resume=true)."),
     "eval-agent": Command("melodjinn.agents.evaluation:eval_agent", "Print one JSON line: returns of an agent and of random, constant and prior baselines on the same seeds, and its prior log-likelihood."),
     "play": Command("melodjinn.envs.player:play", "Play the world model live (keys inject actions, a policy drives when idle), or headless=true out=FILE.wav seconds=S."),
+    "rate": Command("melodjinn.feedback.sessions:rate", "A listening session: two continuations of one context, the listener answers A/B/tie/skip; every answer is stored at once (store=DIR)."),
     "bench": Command("melodjinn.cli.bench:bench", "Print benchmark figures as JSON: `melodjinn bench codec`, `bench generation`, `bench train`, `bench env` or `bench ppo`."),
 }
 

@@ -2,8 +2,8 @@
 
     listener(comparison) -> "A" | "B" | "tie" | "skip"   (or an `Answer` with latency and replay count)
 
-- `ConsoleListener`: plays the context, then A, then B (sounddevice), and reads a, b, t, s or r (replay) from the
-  keyboard. Headless (no sound card, or `headless=True`), it writes the three clips as WAV files and prints their
+- `ConsoleListener`: plays the context, then A, then B (sounddevice), and reads a, b, t, s, r (replay) or q (end
+  the session) from the keyboard. Headless (no sound card, or `headless=True`), it writes the three clips as WAV files and prints their
   paths instead, so a person can listen with any player and still answer here.
 - `SimulatedListener`: a listener with a hidden preference — a utility of what it hears — answering by the
   Bradley-Terry rule P(A) = σ((u(A) - u(B)) / temperature). This is how the personalisation loop is tested
@@ -12,7 +12,7 @@
 Utilities (`make_utility`) read the clip's audio, as a person would, never the actions behind it:
 
     drum:<name>   hits per second of one drum of the world's kit, weighted by strength (the drum world's detector)
-    loud / quiet  mean frame loudness (dB), higher / lower preferred
+    loud / quiet  the clip's level (dB of its mean power), higher / lower preferred
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ import numpy as np
 
 from melodjinn.feedback.store import CHOICES, Clip, Comparison
 from melodjinn.world_model.errors import ConfigError, DataError
-from melodjinn.world_model.worlds import HOP, SAMPLE_RATE
+from melodjinn.world_model.worlds import SAMPLE_RATE
+
+
+class EndSession(Exception):
+    """Raised by a listener to end its session early (a person typed q, or input ran out); answers already given
+    are stored."""
 
 
 @dataclass
@@ -76,17 +81,15 @@ class DrumHitRate:
 
 
 class Loudness:
-    """Mean frame loudness (dB); `sign` -1 prefers quiet music."""
+    """The clip's level, 10·log10 of its mean power (dB); `sign` -1 prefers quiet music."""
 
     def __init__(self, sign: float = 1.0):
         self.sign = float(sign)
         self.name = "loud" if sign > 0 else "quiet"
 
     def __call__(self, clip: Clip) -> float:
-        audio = np.asarray(clip.audio, dtype=np.float64)
-        frames = audio[: len(audio) // HOP * HOP].reshape(-1, HOP)
-        db = 10 * np.log10((frames**2).mean(1) + 1e-8)
-        return self.sign * float(db.mean())
+        power = float(np.mean(np.asarray(clip.audio, dtype=np.float64) ** 2))
+        return self.sign * 10 * math.log10(power + 1e-10)
 
 
 def make_utility(preference: str, world: Any = None) -> Callable[[Clip], float]:
@@ -143,7 +146,12 @@ class ConsoleListener:
         self._present(comparison)
         heard = time.perf_counter()
         while True:
-            key = self.read("[a] A better  [b] B better  [t] tie  [s] skip  [r] replay > ").strip().lower()
+            try:
+                key = self.read("[a] A better  [b] B better  [t] tie  [s] skip  [r] replay  [q] quit > ").strip().lower()
+            except EOFError:
+                raise EndSession("input ended") from None
+            if key == "q":
+                raise EndSession("the listener quit")
             if key == "r":
                 replays += 1
                 self._present(comparison)
@@ -151,7 +159,7 @@ class ConsoleListener:
             elif key in KEYS:
                 return Answer(KEYS[key], time.perf_counter() - heard, replays)
             else:
-                self.write(f"unknown answer {key!r}; type a, b, t, s or r")
+                self.write(f"unknown answer {key!r}; type a, b, t, s, r or q")
 
     def _present(self, comparison: Comparison) -> None:
         parts = [("context", comparison.prompt_audio), ("A", comparison.a.audio), ("B", comparison.b.audio)]

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from melodjinn.agents.policies import frame_actions
-from melodjinn.feedback.listeners import Listener, ask
-from melodjinn.feedback.store import Clip, Comparison, PreferenceStore
+from melodjinn.feedback.listeners import EndSession, Listener, ask
+from melodjinn.feedback.store import CHOICES, Clip, Comparison, PreferenceStore
 from melodjinn.world_model.artifacts import weights_hash
 from melodjinn.world_model.errors import ConfigError
 
@@ -102,7 +102,8 @@ def listening_session(sampler: ContinuationSampler, policy_a, policy_b, listener
                       listener_name: Optional[str] = None, section: Optional[str] = None,
                       session: Optional[str] = None) -> SessionSummary:
     """Ask `listener` about `comparisons` fresh contexts, each answer written to `store` before the next pair is
-    generated. Contexts and sides are drawn from `seed`: the same seed gives the same contexts."""
+    generated; a listener raising `EndSession` ends it early. Contexts and sides are drawn from `seed`: the same
+    seed gives the same contexts."""
     if comparisons < 1:
         raise ConfigError(f"comparisons must be >= 1, got {comparisons}")
     if labels[0] == labels[1] and policy_a is not policy_b:
@@ -110,7 +111,7 @@ def listening_session(sampler: ContinuationSampler, policy_a, policy_b, listener
     name = listener_name or getattr(listener, "name", None) or "listener"
     session = session or uuid.uuid4().hex[:12]
     rng = np.random.default_rng(seed)
-    counts = {"A": 0, "B": 0, "tie": 0, "skip": 0}
+    counts = {choice: 0 for choice in CHOICES}
     wins = {label: 0 for label in labels}
     for index in range(int(comparisons)):
         context_seed = int(rng.integers(2**31 - 1))
@@ -121,9 +122,68 @@ def listening_session(sampler: ContinuationSampler, policy_a, policy_b, listener
         context = {"checkpoint": sampler.checkpoint, "context_seed": context_seed, "steps": sampler.steps,
                    "section": section}
         comparison = Comparison(session, index, context, clip_a, clip_b, prompt_audio)
-        answer = ask(listener, comparison)
+        try:
+            answer = ask(listener, comparison)
+        except EndSession:
+            break
         store.record(comparison, answer.choice, name, sampler.checkpoint_hash, answer.latency_s, answer.replays)
         counts[answer.choice] += 1
         if answer.choice in ("A", "B"):
             wins[shown[0] if answer.choice == "A" else shown[1]] += 1
-    return SessionSummary(session, name, int(comparisons), counts, wins)
+    return SessionSummary(session, name, sum(counts.values()), counts, wins)
+
+
+# ---- `melodjinn rate` ---------------------------------------------------------------------------------------------
+
+
+def session_policy(spec: Optional[str], sampler: ContinuationSampler, temperature: float):
+    """What plays one side: None or "prior" = the world model's own action prior, "random" = uniform over the codes
+    the LAM uses, a directory = an action prior (e.g. a `personalise` output) or any saved policy. → (policy, label)"""
+    from pathlib import Path
+
+    from melodjinn.agents.policies import PriorPolicy, PriorScorer, load_policy
+    from melodjinn.agents.prior import load_prior
+    from melodjinn.envs.policies import RandomPolicy
+    from melodjinn.world_model.artifacts import CONFIG_FILE, read_json
+
+    if spec in (None, "prior"):
+        return PriorPolicy(PriorScorer.for_env(load_prior(sampler.checkpoint), sampler.env), temperature), "prior"
+    if spec == "random":
+        return RandomPolicy(sampler.num_actions, actions=sampler.env.core.prompts.used_codes()), "random"
+    path = Path(spec)
+    if not (path / CONFIG_FILE).exists():
+        raise ConfigError(f"policy {spec!r} is neither 'prior', 'random' nor a directory holding {CONFIG_FILE}")
+    if read_json(path / CONFIG_FILE).get("kind") == "policy":
+        return load_policy(path), path.name
+    return PriorPolicy(PriorScorer.for_env(load_prior(path), sampler.env), temperature), path.name
+
+
+def rate(cfg) -> dict[str, Any]:
+    """`melodjinn rate store=DIR`: a listening session (configs/rate.yaml); every answer is on disk at once."""
+    import json
+    import os
+
+    from melodjinn.feedback.listeners import ConsoleListener, SimulatedListener, make_utility
+    from melodjinn.world_model.worlds import make_world
+
+    sampler = ContinuationSampler(cfg.checkpoint, steps=int(cfg.steps))
+    policy_a, label_a = session_policy(cfg.policy_a, sampler, float(cfg.temperature))
+    policy_b, label_b = session_policy(cfg.policy_b, sampler, float(cfg.temperature))
+    if cfg.policy_a == cfg.policy_b:
+        policy_b = policy_a  # one policy sampled twice: its two rows draw independently
+    l = cfg.listener
+    if l.kind == "simulated":
+        world = make_world(sampler.core.model.world) if sampler.core.model.world.get("name") else None
+        listener = SimulatedListener(make_utility(str(l.preference), world), float(l.temperature),
+                                     float(l.tie_margin), int(cfg.seed), l.name)
+    elif l.kind == "console":
+        listener = ConsoleListener(l.name or os.environ.get("USER", "listener"), bool(l.headless), l.clips_dir)
+    else:
+        raise ConfigError(f"listener.kind must be 'console' or 'simulated', got {l.kind!r}")
+    with PreferenceStore(cfg.store) as store:
+        summary = listening_session(sampler, policy_a, policy_b, listener, store, int(cfg.comparisons), int(cfg.seed),
+                                    (label_a, label_b) if label_a != label_b else (label_a, label_a),
+                                    section=cfg.section)
+        result = {**summary.as_dict(), "store": str(cfg.store), "stored_answers": len(store)}
+    print(json.dumps(result))
+    return result
