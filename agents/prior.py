@@ -171,7 +171,7 @@ class ActionPrior:
         directory = Path(directory)
         self.model.config.melodjinn = {"kind": ARTIFACT_KIND, "code": code_version(), "num_actions": self.num_actions,
                                        "context": self.context, **self.info}
-        with _quiet_transformers(), atomic_files(directory) as tmp:
+        with quiet_transformers(), atomic_files(directory) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
         return directory
@@ -189,7 +189,7 @@ class ActionPrior:
         for name in ("model.safetensors", "tokenizer.json"):
             if not (directory / name).exists():
                 raise CheckpointError(f"{directory / name} is missing; the prior directory is incomplete, re-train it")
-        with _quiet_transformers():
+        with quiet_transformers():
             model = LlamaForCausalLM.from_pretrained(directory, use_safetensors=True)
             tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
         expected = build_tokenizer(int(meta["num_actions"])).get_vocab()
@@ -218,17 +218,23 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu") -> ActionPr
     return ActionPrior.load(prior, device)
 
 
-class _quiet_transformers:
-    """transformers shows progress bars for single-file saves and loads; they would drown our own."""
+class quiet_transformers:
+    """transformers shows progress bars for single-file saves and loads, and datasets (under TRL's trainers) for
+    every map over a few dozen rows; they would drown our own output."""
 
     def __enter__(self):
+        from datasets.utils import logging as datasets_logging
         from transformers.utils import logging
 
-        self._was = logging.is_progress_bar_enabled()
+        self._was = logging.is_progress_bar_enabled(), datasets_logging.is_progress_bar_enabled()
         logging.disable_progress_bar()
+        datasets_logging.disable_progress_bar()
 
     def __exit__(self, *exc):
+        from datasets.utils import logging as datasets_logging
         from transformers.utils import logging
 
-        if self._was:
+        if self._was[0]:
             logging.enable_progress_bar()
+        if self._was[1]:
+            datasets_logging.enable_progress_bar()

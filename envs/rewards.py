@@ -15,11 +15,13 @@ to `info["reward_<name>"]`.
   tokens by a per-token loudness model fitted on the world's audio (no decoding needed);
 - `ActionPriorBonus`: β · log π_prior(a | history) for any `ActionPrior` (agents/ trains one);
 - `PreferenceReward`: a learned listener-preference score of the generated music (its model comes from
-  feedback/; anything with `score(tokens) -> (B,)` plugs in).
+  feedback/; anything with `score(tokens) -> (B,)` plugs in; by name, {"name": "preference", "model": DIR} loads
+  a reward model that `melodjinn train-reward` saved).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -168,7 +170,16 @@ class PreferenceReward:
         return reward
 
 
-BUILTIN = {"energy_curve": EnergyCurveReward}
+def saved_preference_reward(model: Any, every: int | None = None) -> PreferenceReward:
+    """{"name": "preference", "model": DIR}: a PreferenceReward over a reward model saved by `melodjinn train-reward`."""
+    if isinstance(model, (str, Path)):
+        from melodjinn.feedback.reward_model import RewardModel  # here, not at the top: envs never import feedback
+
+        model = RewardModel.load(model)
+    return PreferenceReward(model, every)
+
+
+BUILTIN = {"energy_curve": EnergyCurveReward, "preference": saved_preference_reward}
 
 
 class RewardSum:

@@ -22,7 +22,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from melodjinn.agents.policies import frame_actions
+from melodjinn.agents.policies import PriorPolicy, PriorScorer, frame_actions, load_policy
+from melodjinn.agents.prior import load_prior
 from melodjinn.feedback.listeners import EndSession, Listener, ask
 from melodjinn.feedback.store import CHOICES, Clip, Comparison, PreferenceStore
 from melodjinn.world_model.artifacts import weights_hash
@@ -136,18 +137,21 @@ def listening_session(sampler: ContinuationSampler, policy_a, policy_b, listener
 # ---- `melodjinn rate` ---------------------------------------------------------------------------------------------
 
 
+def prior_policy(prior, sampler: ContinuationSampler, temperature: float = 1.0):
+    """An action prior sampled at `temperature`, matched to the sampler's env (its step length, hold rule, rest code)."""
+    return PriorPolicy(PriorScorer.for_env(prior, sampler.env), temperature)
+
+
 def session_policy(spec: Optional[str], sampler: ContinuationSampler, temperature: float):
     """What plays one side: None or "prior" = the world model's own action prior, "random" = uniform over the codes
     the LAM uses, a directory = an action prior (e.g. a `personalise` output) or any saved policy. → (policy, label)"""
     from pathlib import Path
 
-    from melodjinn.agents.policies import PriorPolicy, PriorScorer, load_policy
-    from melodjinn.agents.prior import load_prior
     from melodjinn.envs.policies import RandomPolicy
     from melodjinn.world_model.artifacts import CONFIG_FILE, read_json
 
     if spec in (None, "prior"):
-        return PriorPolicy(PriorScorer.for_env(load_prior(sampler.checkpoint), sampler.env), temperature), "prior"
+        return prior_policy(load_prior(sampler.checkpoint), sampler, temperature), "prior"
     if spec == "random":
         return RandomPolicy(sampler.num_actions, actions=sampler.env.core.prompts.used_codes()), "random"
     path = Path(spec)
@@ -155,7 +159,7 @@ def session_policy(spec: Optional[str], sampler: ContinuationSampler, temperatur
         raise ConfigError(f"policy {spec!r} is neither 'prior', 'random' nor a directory holding {CONFIG_FILE}")
     if read_json(path / CONFIG_FILE).get("kind") == "policy":
         return load_policy(path), path.name
-    return PriorPolicy(PriorScorer.for_env(load_prior(path), sampler.env), temperature), path.name
+    return prior_policy(load_prior(path), sampler, temperature), path.name
 
 
 def rate(cfg) -> dict[str, Any]:

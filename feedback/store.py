@@ -12,7 +12,8 @@ stored once. Clip files are written (atomically) before the row that points to t
 leaves every committed row with its files; at worst an unreferenced clip file is left over.
 
 Reading back: `answers()` gives the rows as dicts; `pairs()` the decided ones (A or B, not tie or skip) as
-`PreferencePair(chosen, rejected)`, the form the reward model and DPO train on.
+`PreferencePair(chosen, rejected)`, the form the reward model and DPO train on; `listener_pairs(directory, ...)` is
+what their commands call: one listener's pairs, with the errors a user can meet (no store, whose ratings, too few).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from melodjinn.world_model.artifacts import load_tensors, save_tensors
 from melodjinn.world_model.audio_io import write_audio
-from melodjinn.world_model.errors import DataError
+from melodjinn.world_model.errors import ConfigError, DataError
 from melodjinn.world_model.worlds import SAMPLE_RATE
 
 DATABASE = "preferences.sqlite"
@@ -231,3 +232,30 @@ class PreferenceStore:
         data = load_tensors(tensors)
         steps = json.loads(step_actions) if isinstance(step_actions, str) else list(step_actions)
         return StoredClip(name, wav, data["tokens"].long(), data["actions"].long(), data["sections"].long(), steps, policy)
+
+
+def listener_pairs(store_dir: str | Path, listener: Optional[str], ratings: Optional[int]) -> tuple[str, list[PreferencePair]]:
+    """The decided pairs of one listener (the store's only one when `listener` is None), the first `ratings` of
+    them when given → (listener, pairs)."""
+    if not (Path(store_dir) / DATABASE).exists():
+        raise DataError(f"{store_dir} holds no preference store ({DATABASE} missing); record ratings with "
+                        "`melodjinn rate store=DIR` first, or point store= at an existing one")
+    if ratings is not None and int(ratings) < 1:
+        raise ConfigError(f"ratings={ratings}: must be >= 1, or null for every decided pair")
+    with PreferenceStore(store_dir) as store:
+        names = store.listeners()
+        if listener is None:
+            if len(names) != 1:
+                raise ConfigError(f"{store_dir} holds answers of {len(names)} listeners "
+                                  f"({', '.join(names) or 'none'}); pick one with listener=NAME")
+            listener = names[0]
+        elif listener not in names:
+            raise DataError(f"{store_dir} holds no answers of listener {listener!r}; it holds {', '.join(names) or 'none'}")
+        pairs = store.pairs(listener, limit=ratings)
+    if not pairs:
+        raise DataError(f"{store_dir} holds no decided pairs (A or B) of listener {listener!r}: ties and skips say "
+                        "nothing to learn from; record more comparisons (`melodjinn rate`)")
+    if ratings is not None and len(pairs) < int(ratings):
+        raise DataError(f"ratings={ratings} asked, but {store_dir} holds only {len(pairs)} decided pairs of listener "
+                        f"{listener!r}; pass ratings<={len(pairs)} or record more comparisons")
+    return listener, pairs
