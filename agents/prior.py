@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from melodjinn.world_model.artifacts import CONFIG_FILE, FORMAT_VERSION, atomic_files, code_version, read_json
+from melodjinn.agents.pretrained import load_pretrained, pretrained_meta, save_pretrained
+from melodjinn.world_model.artifacts import CONFIG_FILE, read_json
 from melodjinn.world_model.errors import CheckpointError, DataError
 from melodjinn.world_model.worlds import SECTIONS
 
@@ -168,30 +169,16 @@ class ActionPrior:
 
     def save(self, directory: str | Path) -> Path:
         """Write the prior with `save_pretrained` into `directory` (file by file, atomically, config.json last)."""
-        directory = Path(directory)
-        self.model.config.melodjinn = {"kind": ARTIFACT_KIND, "code": code_version(), "num_actions": self.num_actions,
-                                       "context": self.context, **self.info}
-        with quiet_transformers(), atomic_files(directory) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-        return directory
+        return save_pretrained(directory, self.model, self.tokenizer, ARTIFACT_KIND,
+                               {"num_actions": self.num_actions, "context": self.context, **self.info})
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "ActionPrior":
-        from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+        from transformers import LlamaForCausalLM
 
         directory = Path(directory)
-        meta = read_json(directory / CONFIG_FILE).get("melodjinn") or {}
-        if meta.get("kind") != ARTIFACT_KIND:
-            raise CheckpointError(f"{directory} is not an action prior (its config.json has no melodjinn.kind={ARTIFACT_KIND!r}); train one with `melodjinn train-prior`")
-        if meta.get("code", {}).get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{directory} was written with artefact format {meta.get('code', {}).get('format')}, this code reads {FORMAT_VERSION}; re-train it")
-        for name in ("model.safetensors", "tokenizer.json"):
-            if not (directory / name).exists():
-                raise CheckpointError(f"{directory / name} is missing; the prior directory is incomplete, re-train it")
-        with quiet_transformers():
-            model = LlamaForCausalLM.from_pretrained(directory, use_safetensors=True)
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+        meta = pretrained_meta(directory, ARTIFACT_KIND, "an action prior", "train one with `melodjinn train-prior`")
+        model, tokenizer = load_pretrained(directory, LlamaForCausalLM)
         expected = build_tokenizer(int(meta["num_actions"])).get_vocab()
         if tokenizer.get_vocab() != expected:
             raise CheckpointError(f"{directory}: its tokenizer's vocabulary differs from this code's for {meta['num_actions']} actions; re-train the prior")
@@ -216,25 +203,3 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu") -> ActionPr
     if not (prior / CONFIG_FILE).exists():
         raise CheckpointError(f"{path} holds no action prior (looked in {prior}); train one with `melodjinn train-prior checkpoint={path} out={prior}`")
     return ActionPrior.load(prior, device)
-
-
-class quiet_transformers:
-    """transformers shows progress bars for single-file saves and loads, and datasets (under TRL's trainers) for
-    every map over a few dozen rows; they would drown our own output."""
-
-    def __enter__(self):
-        from datasets.utils import logging as datasets_logging
-        from transformers.utils import logging
-
-        self._was = logging.is_progress_bar_enabled(), datasets_logging.is_progress_bar_enabled()
-        logging.disable_progress_bar()
-        datasets_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        from datasets.utils import logging as datasets_logging
-        from transformers.utils import logging
-
-        if self._was[0]:
-            logging.enable_progress_bar()
-        if self._was[1]:
-            datasets_logging.enable_progress_bar()

@@ -26,15 +26,16 @@ Read top to bottom:
 Clips longer than the prior's context are cut to their first `context` frames: the prior was trained on windows of
 that length, and a DPO sequence is one window.
 
-The recipe (configs/train/dpo.yaml), measured on 64 answers of a simulated snare lover (tests/conftest.py
-`snare_store`): with 8 pairs a step, what the tuned prior learned swung with the order of the pairs (its snare share
-0.07-0.28 over three seeds at β=0.1); 32 pairs a step made it steady. A small β (0.02) keeps the sigmoid loss
-unsaturated, so all 30 steps push the margin rather than fitting a few pairs exactly: at β=0.1 the swapped-label
-control still won 0.55 and the tuned prior 0.69 (64 contexts), at β=0.02 0.47 and 0.97. The step budget, not β, is
-what keeps the tuned prior near the base here. How many ratings it takes depends on how often the two clips differ in
-what the listener cares about: two samples of one prior rarely do (19 of those 64 pairs differ in their snare
-actions), and DPO on the first 16/32/48/64 pairs won 0.88/0.19/0.38/0.94 (32 contexts) — below 64 such pairs the
-evidence is too thin for a steady direction.
+The recipe (configs/train/dpo.yaml), measured on a simulated snare lover's answers about two samples of the drum
+prior (tests/conftest.py `snare_store`; figures in the README):
+- 32 pairs a step: with 8, what the tuned prior learned swung with the order of the pairs (its snare share
+  0.07-0.28 over three seeds);
+- the loss on step actions only (above): it raised an early recipe's win rate from 0.59 to 0.91;
+- β 0.05 and 30 steps at lr 1e-3: on 127 answers the tuned prior wins 0.95-1.0 against the base and the swapped-label
+  control 0.05-0.13; on 64, 0.75-0.81 against 0.52-0.63. With few answers DPO on samples of the base lowers both
+  clips' likelihood and moves mass to rarer actions whichever way the labels point: the preference is the gap.
+  With Adam, the step budget rather than β is what keeps the tuned prior near the base; a likelihood term on the
+  chosen clips (TRL's `sft` loss) did not help.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from melodjinn.agents.prior import ActionPrior, load_prior, quiet_transformers
+from melodjinn.agents.pretrained import quiet_transformers
+from melodjinn.agents.prior import ActionPrior, load_prior
 from melodjinn.feedback.store import PreferencePair, StoredClip, listener_pairs
 from melodjinn.feedback.trl_setup import offline, silence
 from melodjinn.world_model.artifacts import CONFIG_FILE, read_json, resolve_checkpoint

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from melodjinn.agents.prior import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, quiet_transformers
-from melodjinn.world_model.artifacts import CONFIG_FILE, FORMAT_VERSION, atomic_files, code_version, read_json
+from melodjinn.agents.pretrained import load_pretrained, pretrained_meta, save_pretrained
+from melodjinn.agents.prior import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
 from melodjinn.world_model.errors import CheckpointError, ConfigError, DataError
 
 ARTIFACT_KIND = "reward-model"
@@ -180,38 +180,20 @@ class RewardModel:
 
     def save(self, directory: str | Path) -> Path:
         """Write the model with `save_pretrained` into `directory` (file by file, atomically, config.json last)."""
-        directory = Path(directory)
-        self.model.config.melodjinn = {"kind": ARTIFACT_KIND, "code": code_version(), "shape": self.shape.as_dict(), **self.info}
-        with quiet_transformers(), atomic_files(directory) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-        return directory
+        return save_pretrained(directory, self.model, self.tokenizer, ARTIFACT_KIND, {"shape": self.shape.as_dict(), **self.info})
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "RewardModel":
-        from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
+        from transformers import LlamaForSequenceClassification
 
         directory = Path(directory)
-        if not directory.is_dir():
-            raise CheckpointError(f"reward model {directory} does not exist; train one with "
-                                  f"`melodjinn train-reward store=RATINGS_DIR out={directory}`")
-        meta = read_json(directory / CONFIG_FILE).get("melodjinn") or {}
-        if meta.get("kind") != ARTIFACT_KIND:
-            raise CheckpointError(f"{directory} is not a reward model (its config.json has kind {meta.get('kind')!r}, "
-                                  f"expected {ARTIFACT_KIND!r}); train one with `melodjinn train-reward`")
-        if meta.get("code", {}).get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{directory} was written with artefact format {meta.get('code', {}).get('format')}, "
-                                  f"this code reads {FORMAT_VERSION}; re-train it with `melodjinn train-reward`")
-        for name in ("model.safetensors", "tokenizer.json"):
-            if not (directory / name).exists():
-                raise CheckpointError(f"{directory / name} is missing; the reward model directory is incomplete, re-train it")
+        meta = pretrained_meta(directory, ARTIFACT_KIND, "a reward model",
+                               f"train one with `melodjinn train-reward store=RATINGS_DIR out={directory}`")
         try:
             shape = CodecShape(**{k: int(v) for k, v in meta["shape"].items()})
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{directory}/config.json: its melodjinn.shape is malformed ({exc}); re-train the reward model") from None
-        with quiet_transformers():
-            model = LlamaForSequenceClassification.from_pretrained(directory, use_safetensors=True)
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+        model, tokenizer = load_pretrained(directory, LlamaForSequenceClassification)
         if tokenizer.get_vocab() != build_tokenizer(shape.streams, shape.codebooks, shape.codebook_size).get_vocab():
             raise CheckpointError(f"{directory}: its tokenizer's vocabulary is not this code's for shape {shape.as_dict()}; re-train the reward model")
         if model.config.vocab_size != WORD_OFFSET + shape.words_per_frame * shape.codebook_size or model.config.num_labels != 1:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from melodjinn.agents.prior import quiet_transformers
+from melodjinn.agents.pretrained import quiet_transformers
 from melodjinn.feedback.reward_model import RewardModel, RewardModelConfig
 from melodjinn.feedback.store import PreferencePair, listener_pairs
 from melodjinn.feedback.trl_setup import offline, silence
