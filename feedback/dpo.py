@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from melodjinn.agents.pretrained import quiet_transformers
 from melodjinn.agents.prior import ActionPrior, load_prior
 from melodjinn.feedback.store import PreferencePair, StoredClip, listener_pairs
-from melodjinn.feedback.trl_setup import offline, silence
+from melodjinn.feedback.trl_setup import prepare_trl, silence
 from melodjinn.world_model.artifacts import CONFIG_FILE, read_json, resolve_checkpoint
 from melodjinn.world_model.errors import CheckpointError, ConfigError, DataError
 from melodjinn.world_model.runtime import check_schedule, resolve_device, seed_everything, to_dataclass
@@ -162,7 +162,7 @@ def dpo_trainer(prior: ActionPrior, pairs: list[PreferencePair], recipe: DPOReci
                 device: torch.device):
     """A TRL `DPOTrainer` over `pairs` that tunes a copy of `prior` against a frozen copy of it; it writes nothing
     (output_dir only satisfies the trainer)."""
-    offline()
+    prepare_trl()
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 

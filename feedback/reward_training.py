@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from melodjinn.agents.pretrained import quiet_transformers
 from melodjinn.feedback.reward_model import RewardModel, RewardModelConfig
 from melodjinn.feedback.store import PreferencePair, listener_pairs
-from melodjinn.feedback.trl_setup import offline, silence
+from melodjinn.feedback.trl_setup import prepare_trl, silence
 from melodjinn.world_model.artifacts import CONFIG_FILE, load_artifact_config
 from melodjinn.world_model.errors import ConfigError, DataError
 from melodjinn.world_model.runtime import resolve_device, seed_everything, to_dataclass
@@ -93,7 +93,7 @@ def preference_dataset(reward: RewardModel, pairs: list[PreferencePair]):
 def reward_trainer(reward: RewardModel, pairs: list[PreferencePair], t: TrainRewardConfig, seed: int, use_cpu: bool,
                    output_dir: str):
     """TRL's RewardTrainer set up for this machine: no bf16, no saving, no reporting, no activation checkpointing."""
-    offline()
+    prepare_trl()
     from trl import RewardConfig, RewardTrainer
 
     args = RewardConfig(

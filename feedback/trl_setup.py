@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 
-def offline() -> None:
-    """Nothing is downloaded: every model and tokenizer here is built locally. Set before TRL (and through it
-    huggingface_hub) is first imported, as the hub reads it then."""
+def prepare_trl() -> None:
+    """Call before TRL is first imported. Nothing is downloaded (every model and tokenizer here is built locally;
+    huggingface_hub reads HF_HUB_OFFLINE when imported), and a deprecation TRL's trainers trigger inside
+    transformers is not shown to users, who can do nothing about it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def silence(trainer):
