@@ -15,8 +15,11 @@ the store records the policy behind each side.
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -145,8 +148,6 @@ def prior_policy(prior, sampler: ContinuationSampler, temperature: float = 1.0):
 def session_policy(spec: Optional[str], sampler: ContinuationSampler, temperature: float):
     """What plays one side: None or "prior" = the world model's own action prior, "random" = uniform over the codes
     the LAM uses, a directory = an action prior (e.g. a `personalise` output) or any saved policy. → (policy, label)"""
-    from pathlib import Path
-
     from melodjinn.envs.policies import RandomPolicy
     from melodjinn.world_model.artifacts import CONFIG_FILE, read_json
 
@@ -158,15 +159,12 @@ def session_policy(spec: Optional[str], sampler: ContinuationSampler, temperatur
     if not (path / CONFIG_FILE).exists():
         raise ConfigError(f"policy {spec!r} is neither 'prior', 'random' nor a directory holding {CONFIG_FILE}")
     if read_json(path / CONFIG_FILE).get("kind") == "policy":
-        return load_policy(path), path.name
-    return prior_policy(load_prior(path), sampler, temperature), path.name
+        return load_policy(path), str(path)
+    return prior_policy(load_prior(path), sampler, temperature), str(path)
 
 
 def rate(cfg) -> dict[str, Any]:
     """`melodjinn rate store=DIR`: a listening session (configs/rate.yaml); every answer is on disk at once."""
-    import json
-    import os
-
     from melodjinn.feedback.listeners import ConsoleListener, SimulatedListener, make_utility
     from melodjinn.world_model.worlds import make_world
 
@@ -175,19 +173,18 @@ def rate(cfg) -> dict[str, Any]:
     policy_b, label_b = session_policy(cfg.policy_b, sampler, float(cfg.temperature))
     if cfg.policy_a == cfg.policy_b:
         policy_b = policy_a  # one policy sampled twice: its two rows draw independently
-    l = cfg.listener
-    if l.kind == "simulated":
+    who = cfg.listener
+    if who.kind == "simulated":
         world = make_world(sampler.core.model.world) if sampler.core.model.world.get("name") else None
-        listener = SimulatedListener(make_utility(str(l.preference), world), float(l.temperature),
-                                     float(l.tie_margin), int(cfg.seed), l.name)
-    elif l.kind == "console":
-        listener = ConsoleListener(l.name or os.environ.get("USER", "listener"), bool(l.headless), l.clips_dir)
+        listener = SimulatedListener(make_utility(str(who.preference), world), float(who.temperature),
+                                     float(who.tie_margin), int(cfg.seed), who.name)
+    elif who.kind == "console":
+        listener = ConsoleListener(who.name or os.environ.get("USER", "listener"), bool(who.headless), who.clips_dir)
     else:
-        raise ConfigError(f"listener.kind must be 'console' or 'simulated', got {l.kind!r}")
+        raise ConfigError(f"listener.kind must be 'console' or 'simulated', got {who.kind!r}")
     with PreferenceStore(cfg.store) as store:
         summary = listening_session(sampler, policy_a, policy_b, listener, store, int(cfg.comparisons), int(cfg.seed),
-                                    (label_a, label_b) if label_a != label_b else (label_a, label_a),
-                                    section=cfg.section)
+                                    (label_a, label_b), section=cfg.section)
         result = {**summary.as_dict(), "store": str(cfg.store), "stored_answers": len(store)}
     print(json.dumps(result))
     return result
