@@ -1,6 +1,6 @@
 """Personalisation metrics (DESIGN §9): does the personalised policy win under the listener's hidden preference?
 
-    melodjinn eval-personal prior=DIR [base=drums] preference=drum:snare contexts=64
+    melodjinn eval-personal policy=DIR [base=drums] preference=drum:snare contexts=64
     melodjinn eval-personal store=DIR ratings=[16,32,64] preference=drum:snare     (the ratings curve)
 
 `win_rate` continues fresh contexts with both policies (`ContinuationSampler.pair`: one prompt, the same sampling
@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from melodjinn.agents.prior import ActionPrior, load_prior
 from melodjinn.feedback.dpo import DPORecipe, personalise_prior
 from melodjinn.feedback.listeners import make_utility
-from melodjinn.feedback.sessions import ContinuationSampler, prior_policy
+from melodjinn.feedback.sessions import ContinuationSampler, prior_policy, session_policy
 from melodjinn.feedback.store import Clip, listener_pairs
 from melodjinn.world_model.errors import ConfigError
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
@@ -82,23 +82,23 @@ def ratings_curve(store: str | Path, base: ActionPrior, sampler: ContinuationSam
 
 
 def eval_personal(cfg: DictConfig) -> dict:
-    """The `eval-personal` command: one tuned prior against its base, or the ratings curve of a store."""
-    if (cfg.prior is None) == (cfg.store is None):
-        raise ConfigError("pass prior=DIR (a personalised prior against its base) or store=DIR (the ratings curve), "
-                          "not both")
+    """The `eval-personal` command: one personalised policy against the base prior, or the ratings curve of a store."""
+    if (cfg.policy is None) == (cfg.store is None):
+        raise ConfigError("pass policy=DIR (a personalised prior, or a PPO agent trained on a reward model, against the "
+                          "base prior) or store=DIR (the ratings curve), not both")
     device = resolve_device(cfg.device)
     base = load_prior(cfg.base, device)
-    tuned = load_prior(cfg.prior, device) if cfg.prior is not None else None
-    checkpoint = cfg.checkpoint or ((tuned or base).info.get("world_model") or {}).get("checkpoint")
+    checkpoint = cfg.checkpoint or (base.info.get("world_model") or {}).get("checkpoint")
     if not checkpoint:
-        raise ConfigError("the prior does not say which world model it plays; pass checkpoint=DIR")
+        raise ConfigError("the base prior does not say which world model it plays; pass checkpoint=DIR")
     sampler = ContinuationSampler(checkpoint, steps=int(cfg.steps))
     utility = make_utility(cfg.preference, make_world(sampler.core.model.world))
     summary: dict[str, Any] = {"preference": cfg.preference, "base": str(cfg.base), "checkpoint": str(checkpoint),
                                "steps": int(cfg.steps), "temperature": float(cfg.temperature)}
-    if tuned is not None:
-        policy, baseline = (prior_policy(p, sampler, float(cfg.temperature)) for p in (tuned, base))
-        summary.update(prior=str(cfg.prior), **win_rate(sampler, policy, baseline, utility, int(cfg.contexts), int(cfg.seed)))
+    baseline = prior_policy(base, sampler, float(cfg.temperature))
+    if cfg.policy is not None:
+        policy, _ = session_policy(str(cfg.policy), sampler, float(cfg.temperature))
+        summary.update(policy=str(cfg.policy), **win_rate(sampler, policy, baseline, utility, int(cfg.contexts), int(cfg.seed)))
     else:
         recipe = to_dataclass(DPORecipe, cfg.train, "train").validate()
         summary.update(store=str(cfg.store), curve=ratings_curve(cfg.store, base, sampler, utility, list(cfg.ratings),

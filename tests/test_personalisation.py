@@ -103,7 +103,7 @@ def test_personalise_saves_a_prior_that_loads_back_with_where_it_came_from(snare
 
 def test_eval_personal_prints_one_json_line(tuned, tmp_path, capsys):
     tuned[0].save(tmp_path / "tuned")
-    summary = run("eval-personal", f"prior={tmp_path / 'tuned'}", "preference=drum:snare", "contexts=2", "steps=4")
+    summary = run("eval-personal", f"policy={tmp_path / 'tuned'}", "preference=drum:snare", "contexts=2", "steps=4")
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == summary and line["contexts"] == 2 and 0 <= line["win_rate"] <= 1
 
