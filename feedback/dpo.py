@@ -32,8 +32,9 @@ prior (tests/conftest.py `snare_store`; figures in the README):
   0.07-0.28 over three seeds);
 - the loss on step actions only (above): it raised an early recipe's win rate from 0.59 to 0.91;
 - β 0.05 and 30 steps at lr 1e-3: on 127 answers the tuned prior wins 0.95-1.0 against the base and the swapped-label
-  control 0.05-0.13; on 64, 0.75-0.81 against 0.52-0.63. With few answers DPO on samples of the base lowers both
-  clips' likelihood and moves mass to rarer actions whichever way the labels point: the preference is the gap.
+  control 0.05-0.13; on 64, 0.75-0.81 against 0.52-0.63: with few answers the control's music also gets more snare,
+  and the preference is the gap (perhaps because DPO on samples of the base moves mass to rarer actions whichever
+  way the labels point; not measured).
   With Adam, the step budget rather than β is what keeps the tuned prior near the base; a likelihood term on the
   chosen clips (TRL's `sft` loss) did not help.
 """
