@@ -169,7 +169,8 @@ class ConsoleListener:
             return
         from melodjinn.envs.audio_out import open_output
 
-        stream = open_output(comparison.sample_rate)
+        stream = open_output(comparison.sample_rate, hint="listen headless instead: `melodjinn rate listener.headless=true "
+                                                          "...` writes the clips as WAV files and still asks for answers")
         try:
             gap = np.zeros(comparison.sample_rate // 2, dtype=np.float32)
             for label, audio in parts:

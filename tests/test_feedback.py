@@ -279,3 +279,15 @@ def test_rate_runs_a_simulated_session_from_the_command_line(tmp_path):
     assert main(["rate", f"store={tmp_path}", "listener.kind=simulated", "listener.preference=drum:gong"]) == 2
     with PreferenceStore(tmp_path) as store:
         assert len(store) == 3  # the failed runs added nothing
+
+
+def test_rate_without_a_sound_card_points_to_headless_listening(tmp_path):
+    (tmp_path / ".asoundrc").write_text("pcm.!default { type hw card 99 }\n")  # a sound card that does not exist
+    env = {**os.environ, "HOME": str(tmp_path), "MELODJINN_TEST_THREADS": "1"}
+    melodjinn = os.path.join(os.path.dirname(sys.executable), "melodjinn")
+    result = subprocess.run([melodjinn, "rate", f"store={tmp_path / 'store'}", "comparisons=1", "steps=2"],
+                            capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    assert "listener.headless=true" in result.stderr and "Traceback" not in result.stderr
+    with PreferenceStore(tmp_path / "store") as store:
+        assert len(store) == 0
