@@ -27,18 +27,19 @@ import torch
 
 from melodjinn.agents.policies import PriorPolicy, PriorScorer, frame_actions, load_policy
 from melodjinn.agents.prior import load_prior
-from melodjinn.feedback.listeners import EndSession, Listener, ask
+from melodjinn.envs import MusicVectorEnv
+from melodjinn.envs.policies import RandomPolicy
+from melodjinn.feedback.listeners import ConsoleListener, EndSession, Listener, SimulatedListener, ask, make_utility
 from melodjinn.feedback.store import CHOICES, Clip, Comparison, PreferenceStore
-from melodjinn.world_model.artifacts import weights_hash
+from melodjinn.world_model.artifacts import CONFIG_FILE, read_json, weights_hash
 from melodjinn.world_model.errors import ConfigError
+from melodjinn.world_model.worlds import make_world
 
 
 class ContinuationSampler:
     """Pairs of continuations of one context from a world model (see the module docstring)."""
 
     def __init__(self, checkpoint: str, steps: int = 32, **env_options: Any):
-        from melodjinn.envs import MusicVectorEnv
-
         self.checkpoint = str(checkpoint)
         self.env = MusicVectorEnv(num_envs=2, checkpoint=self.checkpoint, max_steps=int(steps),
                                   **{**env_options, "decode_audio": True})
@@ -148,9 +149,6 @@ def prior_policy(prior, sampler: ContinuationSampler, temperature: float = 1.0):
 def session_policy(spec: Optional[str], sampler: ContinuationSampler, temperature: float):
     """What plays one side: None or "prior" = the world model's own action prior, "random" = uniform over the codes
     the LAM uses, a directory = an action prior (e.g. a `personalise` output) or any saved policy. → (policy, label)"""
-    from melodjinn.envs.policies import RandomPolicy
-    from melodjinn.world_model.artifacts import CONFIG_FILE, read_json
-
     if spec in (None, "prior"):
         return prior_policy(load_prior(sampler.checkpoint), sampler, temperature), "prior"
     if spec == "random":
@@ -165,9 +163,6 @@ def session_policy(spec: Optional[str], sampler: ContinuationSampler, temperatur
 
 def rate(cfg) -> dict[str, Any]:
     """`melodjinn rate store=DIR`: a listening session (configs/rate.yaml); every answer is on disk at once."""
-    from melodjinn.feedback.listeners import ConsoleListener, SimulatedListener, make_utility
-    from melodjinn.world_model.worlds import make_world
-
     sampler = ContinuationSampler(cfg.checkpoint, steps=int(cfg.steps))
     policy_a, label_a = session_policy(cfg.policy_a, sampler, float(cfg.temperature))
     policy_b, label_b = session_policy(cfg.policy_b, sampler, float(cfg.temperature))
