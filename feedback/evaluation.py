@@ -13,8 +13,9 @@ from `np.random.default_rng([EVALUATION_STREAM, seed])`, a different seed sequen
 chance of construction. (Prompts come from the env's prompt clips, of which there are few; a fresh context is a fresh
 draw of prompt, sampling and policy randomness.)
 
-`ratings_curve` answers "how many ratings does it take": for each N, DPO on the listener's first N decided pairs,
-then the win rate of the tuned prior over the base on the same fresh contexts.
+`ratings_curve` answers "how many ratings does it take": for each N, DPO on N of the listener's decided pairs (the
+first N, or the mean over `subsets` disjoint sets of N), then the win rate of the tuned prior over the base on the
+same fresh contexts.
 """
 
 from __future__ import annotations
@@ -66,18 +67,29 @@ def win_rate(sampler: ContinuationSampler, policy, baseline, utility: Callable[[
 
 def ratings_curve(store: str | Path, base: ActionPrior, sampler: ContinuationSampler, utility: Callable[[Clip], float],
                   ratings: Sequence[int], recipe: DPORecipe, contexts: int, seed: int = 0,
-                  listener: Optional[str] = None, temperature: float = 1.0, device: str = "cpu") -> list[dict[str, Any]]:
-    """For each N in `ratings`: DPO on the listener's first N decided pairs (all of them train: the win rate is the
-    held-out measure), then the tuned prior's win rate over the base on the same fresh contexts."""
+                  listener: Optional[str] = None, temperature: float = 1.0, device: str = "cpu",
+                  subsets: int = 1) -> list[dict[str, Any]]:
+    """For each N in `ratings`: DPO on N of the listener's decided pairs (all of them train: the win rate is the
+    held-out measure), then the tuned prior's win rate over the base on the same fresh contexts.
+
+    One set of N answers says as much about which answers the listener happened to give as about N, so with
+    `subsets` k the point averages k disjoint sets (pairs [0, N), [N, 2N), ...; as many as the store holds, up to k)."""
+    if subsets < 1:
+        raise ConfigError(f"subsets must be >= 1, got {subsets}")
     recipe = replace(recipe, eval_share=0.0)
     baseline = prior_policy(base, sampler, temperature)
+    name, _ = listener_pairs(store, listener, max(int(r) for r in ratings))  # the store holds the largest N
+    _, every = listener_pairs(store, name, None)
     curve = []
     for n in sorted(int(r) for r in ratings):
-        name, pairs = listener_pairs(store, listener, n)
-        tuned, metrics = personalise_prior(base, pairs, recipe, seed, device)
-        result = win_rate(sampler, prior_policy(tuned, sampler, temperature), baseline, utility, contexts, seed)
-        curve.append({"ratings": n, "listener": name, **result, "dpo_seconds": metrics["seconds"],
-                      "train_accuracy": metrics["train_accuracy"]})
+        runs = []
+        for part in range(min(subsets, len(every) // n)):
+            tuned, metrics = personalise_prior(base, every[part * n : (part + 1) * n], recipe, seed, device)
+            result = win_rate(sampler, prior_policy(tuned, sampler, temperature), baseline, utility, contexts, seed)
+            runs.append({**result, "dpo_seconds": metrics["seconds"], "train_accuracy": metrics["train_accuracy"]})
+        rates = [run["win_rate"] for run in runs]
+        curve.append({"ratings": n, "listener": name, "subsets": len(runs), "win_rate": float(np.mean(rates)),
+                      "win_rates": rates, "runs": runs})
     return curve
 
 
@@ -103,6 +115,6 @@ def eval_personal(cfg: DictConfig) -> dict:
         recipe = to_dataclass(DPORecipe, cfg.train, "train").validate()
         summary.update(store=str(cfg.store), curve=ratings_curve(cfg.store, base, sampler, utility, list(cfg.ratings),
                                                                  recipe, int(cfg.contexts), int(cfg.seed), cfg.listener,
-                                                                 float(cfg.temperature), device))
+                                                                 float(cfg.temperature), device, int(cfg.subsets)))
     print(json.dumps(summary))
     return summary

@@ -111,7 +111,18 @@ def test_eval_personal_prints_one_json_line(tuned, tmp_path, capsys):
 def test_ratings_curve_tunes_on_the_first_n_pairs(snare_store, base, drum_sampler, snare):
     curve = ratings_curve(snare_store, base, drum_sampler, snare, [16, 8], QUICK, contexts=2, seed=0)
     assert [point["ratings"] for point in curve] == [8, 16]
-    assert all(point["contexts"] == 2 and 0 <= point["win_rate"] <= 1 for point in curve)
+    assert all(point["subsets"] == 1 and point["runs"][0]["contexts"] == 2 and 0 <= point["win_rate"] <= 1
+               for point in curve)
+
+
+def test_ratings_curve_averages_disjoint_sets_of_answers(snare_store, base, drum_sampler, snare):
+    curve = ratings_curve(snare_store, base, drum_sampler, snare, [8, 100], QUICK, contexts=2, seed=0, subsets=3)
+    assert [point["subsets"] for point in curve] == [3, 1]  # 127 answers hold three sets of 8 but one of 100
+    assert curve[0]["win_rate"] == pytest.approx(sum(curve[0]["win_rates"]) / 3)
+    first_alone = ratings_curve(snare_store, base, drum_sampler, snare, [8], QUICK, contexts=2, seed=0)
+    assert first_alone[0]["win_rate"] == curve[0]["win_rates"][0]  # set 1 is the first 8 answers
+    with pytest.raises(ConfigError, match="subsets must be >= 1"):
+        ratings_curve(snare_store, base, drum_sampler, snare, [8], QUICK, contexts=2, subsets=0)
 
 
 def test_evaluation_never_draws_a_rating_sessions_context_seeds():
