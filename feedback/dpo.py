@@ -174,7 +174,7 @@ def dpo_trainer(prior: ActionPrior, pairs: list[PreferencePair], recipe: DPOReci
         max_steps=recipe.steps, per_device_train_batch_size=recipe.batch_size, warmup_steps=recipe.warmup_steps,
         weight_decay=recipe.weight_decay, max_length=None, seed=seed, data_seed=seed,
         bf16=False, use_cpu=device.type == "cpu", activation_checkpointing=False, save_strategy="no", report_to=[],
-        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        logging_strategy="no", dataloader_num_workers=0,
     )
     collator = step_action_collator(frames_per_step(pairs), prior.tokenizer.pad_token_id)
     return silence(DPOTrainer(model=policy, ref_model=reference, args=args,

@@ -34,7 +34,7 @@ from melodjinn.feedback.dpo import DPORecipe, personalise_prior
 from melodjinn.feedback.listeners import make_utility
 from melodjinn.feedback.sessions import ContinuationSampler, prior_policy, session_policy
 from melodjinn.feedback.store import Clip, listener_pairs
-from melodjinn.world_model.errors import ConfigError
+from melodjinn.world_model.errors import ConfigError, DataError
 from melodjinn.world_model.runtime import resolve_device, to_dataclass
 from melodjinn.world_model.worlds import make_world
 
@@ -78,8 +78,10 @@ def ratings_curve(store: str | Path, base: ActionPrior, sampler: ContinuationSam
         raise ConfigError(f"subsets must be >= 1, got {subsets}")
     recipe = replace(recipe, eval_share=0.0)
     baseline = prior_policy(base, sampler, temperature)
-    name, _ = listener_pairs(store, listener, max(int(r) for r in ratings))  # the store holds the largest N
-    _, every = listener_pairs(store, name, None)
+    name, every = listener_pairs(store, listener, None)
+    if max(int(r) for r in ratings) > len(every):
+        raise DataError(f"ratings={max(int(r) for r in ratings)} asked, but {store} holds only {len(every)} decided "
+                        f"pairs of listener {name!r}; pass ratings up to {len(every)} or record more comparisons")
     curve = []
     for n in sorted(int(r) for r in ratings):
         runs = []

@@ -31,7 +31,7 @@ reads, the clip length it was trained on, and the store, listener, pairs and hel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +88,6 @@ class CodecShape:
     def words_per_frame(self) -> int:
         return self.streams * self.codebooks
 
-    def as_dict(self) -> dict[str, int]:
-        return {"streams": self.streams, "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size,
-                "codebooks": self.codebooks}
 
 
 def build_model(shape: CodecShape, cfg: RewardModelConfig, seed: int):
@@ -180,7 +177,7 @@ class RewardModel:
 
     def save(self, directory: str | Path) -> Path:
         """Write the model with `save_pretrained` into `directory` (file by file, atomically, config.json last)."""
-        return save_pretrained(directory, self.model, self.tokenizer, ARTIFACT_KIND, {"shape": self.shape.as_dict(), **self.info})
+        return save_pretrained(directory, self.model, self.tokenizer, ARTIFACT_KIND, {"shape": asdict(self.shape), **self.info})
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "RewardModel":
@@ -195,10 +192,10 @@ class RewardModel:
             raise CheckpointError(f"{directory}/config.json: its melodjinn.shape is malformed ({exc}); re-train the reward model") from None
         model, tokenizer = load_pretrained(directory, LlamaForSequenceClassification)
         if tokenizer.get_vocab() != build_tokenizer(shape.streams, shape.codebooks, shape.codebook_size).get_vocab():
-            raise CheckpointError(f"{directory}: its tokenizer's vocabulary is not this code's for shape {shape.as_dict()}; re-train the reward model")
+            raise CheckpointError(f"{directory}: its tokenizer's vocabulary is not this code's for shape {asdict(shape)}; re-train the reward model")
         if model.config.vocab_size != WORD_OFFSET + shape.words_per_frame * shape.codebook_size or model.config.num_labels != 1:
             raise CheckpointError(f"{directory}: its model (vocab {model.config.vocab_size}, {model.config.num_labels} labels) "
-                                  f"does not match its shape {shape.as_dict()}; re-train the reward model")
+                                  f"does not match its shape {asdict(shape)}; re-train the reward model")
         info = {k: v for k, v in meta.items() if k not in ("kind", "code", "shape")}
         reward = cls(model.to(device), tokenizer, shape, info)
         reward.directory = directory

@@ -101,7 +101,7 @@ def reward_trainer(reward: RewardModel, pairs: list[PreferencePair], t: TrainRew
         learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type="cosine",
         max_grad_norm=t.grad_clip, center_rewards_coefficient=t.center_rewards or None, seed=seed, data_seed=seed,
         bf16=False, save_strategy="no", report_to=[], use_cpu=use_cpu, activation_checkpointing=False,
-        max_length=None, logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        max_length=None, logging_strategy="no", dataloader_num_workers=0,
     )
     return silence(RewardTrainer(model=reward.model, args=args, train_dataset=preference_dataset(reward, pairs),
                                  processing_class=reward.tokenizer))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,16 +54,13 @@ class ContinuationSampler:
     def pair(self, context_seed: int, policy_a, policy_b, labels: tuple[str, str] = ("a", "b"),
              section: Optional[str] = None) -> tuple[np.ndarray, Clip, Clip]:
         """One context (the prompt drawn by `context_seed`), continued `steps` steps by each policy →
-        (the prompt's audio (N,), clip A, clip B)."""
+        (the prompt's audio (N,), clip A, clip B). The policies act on the env's batched observation and reseed with
+        `reset(seed)` (`BasePolicy`: every policy Melodjinn ships); one policy object may play both rows."""
         options = {"section": section} if section is not None else None
         obs, _ = self.env.reset(seed=[int(context_seed)] * 2, options=options)
         prompt_audio = self._prompt_audio()
         for policy, seed in ((policy_a, context_seed), (policy_b, context_seed + 1)):
-            if hasattr(policy, "reset"):
-                try:
-                    policy.reset(seed)
-                except TypeError:  # a plain Policy protocol object: reset() takes no seed
-                    policy.reset()
+            policy.reset(seed)  # one policy playing both rows ends seeded context_seed + 1
         step_actions, step_sections, audio = [], [], []
         for _ in range(self.steps):
             act_a = np.asarray(policy_a.act(obs)).reshape(-1)
@@ -96,10 +93,6 @@ class SessionSummary:
     answered: int  # rows written (every answer, skips included)
     counts: dict[str, int]  # answers by choice
     wins: dict[str, int]  # decided answers won by each policy label
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"session": self.session, "listener": self.listener, "answered": self.answered, "counts": self.counts,
-                "wins": self.wins}
 
 
 def listening_session(sampler: ContinuationSampler, policy_a, policy_b, listener: Listener, store: PreferenceStore,
@@ -152,7 +145,7 @@ def session_policy(spec: Optional[str], sampler: ContinuationSampler, temperatur
     if spec in (None, "prior"):
         return prior_policy(load_prior(sampler.checkpoint), sampler, temperature), "prior"
     if spec == "random":
-        return RandomPolicy(sampler.num_actions, actions=sampler.env.core.prompts.used_codes()), "random"
+        return RandomPolicy(sampler.num_actions, actions=sampler.core.prompts.used_codes()), "random"
     path = Path(spec)
     if not (path / CONFIG_FILE).exists():
         raise ConfigError(f"policy {spec!r} is neither 'prior', 'random' nor a directory holding {CONFIG_FILE}")
@@ -165,9 +158,10 @@ def rate(cfg) -> dict[str, Any]:
     """`melodjinn rate store=DIR`: a listening session (configs/rate.yaml); every answer is on disk at once."""
     sampler = ContinuationSampler(cfg.checkpoint, steps=int(cfg.steps))
     policy_a, label_a = session_policy(cfg.policy_a, sampler, float(cfg.temperature))
-    policy_b, label_b = session_policy(cfg.policy_b, sampler, float(cfg.temperature))
-    if cfg.policy_a == cfg.policy_b:
-        policy_b = policy_a  # one policy sampled twice: its two rows draw independently
+    if cfg.policy_b == cfg.policy_a:  # one policy sampled twice: its two rows draw independently
+        policy_b, label_b = policy_a, label_a
+    else:
+        policy_b, label_b = session_policy(cfg.policy_b, sampler, float(cfg.temperature))
     who = cfg.listener
     if who.kind == "simulated":
         world = make_world(sampler.core.model.world) if sampler.core.model.world.get("name") else None
@@ -180,6 +174,6 @@ def rate(cfg) -> dict[str, Any]:
     with PreferenceStore(cfg.store) as store:
         summary = listening_session(sampler, policy_a, policy_b, listener, store, int(cfg.comparisons), int(cfg.seed),
                                     (label_a, label_b), section=cfg.section)
-        result = {**summary.as_dict(), "store": str(cfg.store), "stored_answers": len(store)}
+        result = {**asdict(summary), "store": str(cfg.store), "stored_answers": len(store)}
     print(json.dumps(result))
     return result

@@ -24,6 +24,7 @@ import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -73,7 +74,7 @@ class Clip:
     step_actions: list[int]  # the env step actions (what a policy chose)
     policy: str  # a label for what generated it
 
-    @property
+    @cached_property
     def hash(self) -> str:
         return hashlib.sha256(np.ascontiguousarray(self.audio, dtype=np.float32).tobytes()).hexdigest()
 
